@@ -1,0 +1,46 @@
+"""relay: a self-hosted OpenAI-compatible API relay with its own keys, usage, limits and quotas."""
+
+import logging
+
+
+def create_app(test_config=None):
+    """Build the Flask app: config, store, limiter, the two API faces and the operator pages."""
+    # Imports stay inside: `relay.config` must be importable without Flask (gunicorn master).
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from relay import balance, cli, errors, health, openai_face
+    from relay import config as relay_config
+    from relay.ratelimit import make_limiter
+    from relay.state import RelayState
+
+    app = Flask(__name__, instance_relative_config=True)
+    relay_config.configure(app, test_config)
+    _configure_logging(app)
+
+    state = RelayState(app)
+    app.extensions["relay"] = state
+    if app.config["PROXY_COUNT"]:
+        # Trust X-Forwarded-For only as far as the operator's own proxies go.
+        count = app.config["PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)
+    errors.init_app(app)
+    # The limiter's hooks must be registered before the faces' hooks (global limit first).
+    state.limiter = make_limiter(app)
+    app.register_blueprint(openai_face.make_blueprint(state.limiter))
+    app.register_blueprint(balance.bp)
+    app.register_blueprint(health.bp)
+    cli.init_app(app)
+    return app
+
+
+def _configure_logging(app):
+    """Log to stderr (gunicorn captures it) at RELAY_LOG_LEVEL."""
+    level = getattr(logging, str(app.config["LOG_LEVEL"]).upper(), logging.INFO)
+    logger = logging.getLogger("relay")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False

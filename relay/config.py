@@ -1,0 +1,233 @@
+"""Load and check the relay's configuration: defaults, instance file, RELAY_* environment, tests."""
+
+import os
+import runpy
+from urllib.parse import urlsplit
+
+import dotenv
+
+ENV_PREFIX = "RELAY"
+MIB = 1024 * 1024
+
+# Every setting the relay reads, with its default. README.md documents each one.
+DEFAULTS = {
+    "UPSTREAM_BASE_URL": None,
+    "UPSTREAM_API_KEY": None,
+    "UPSTREAMS_FILE": None,  # default: instance/upstreams.toml when it exists
+    "DATABASE": None,  # default: instance/relay.sqlite
+    "ADMIN_TOKEN": None,
+    "MODEL_ALIASES": "gpt-3.5=gpt-3.5-turbo,gpt-4=gpt-4o",
+    "DEFAULT_MODEL": "gpt-3.5",
+    "RATELIMIT_STORAGE_URI": None,  # default: sqlite:///instance/ratelimit.sqlite
+    "RATELIMIT_STRATEGY": "fixed-window",
+    "DEFAULT_RPM": None,
+    "DEFAULT_TPM": None,
+    "DEFAULT_MAX_CONCURRENT": None,
+    "GLOBAL_RPM": None,
+    "UNAUTHENTICATED_RPM": 60,
+    "PROXY_COUNT": 0,
+    "LEGACY_MAX_CHARS": 2000,
+    "MAX_BODY_BYTES": 32 * MIB,
+    "UPSTREAM_CONNECT_TIMEOUT": 5.0,
+    "UPSTREAM_READ_TIMEOUT": 120.0,
+    "UPSTREAM_RETRIES": 2,
+    "UPSTREAM_RETRY_BUDGET": 15.0,
+    "UPSTREAM_COOLDOWN": 30.0,
+    "UPSTREAM_POOL_SIZE": 4096,
+    "STREAM_USAGE": True,
+    "PRICES": None,  # "model=prompt_per_1k:completion_per_1k,..." for money budgets
+    "METRICS": True,
+    "DB_WRITE_TIMEOUT": 30.0,
+    "SECRET_KEY": None,  # signs admin sessions; default: derived from ADMIN_TOKEN
+    "LOG_LEVEL": "INFO",
+}
+
+INT_SETTINGS = {
+    "DEFAULT_RPM": (1, None),
+    "DEFAULT_TPM": (1, None),
+    "DEFAULT_MAX_CONCURRENT": (1, None),
+    "GLOBAL_RPM": (1, None),
+    "UNAUTHENTICATED_RPM": (0, None),
+    "PROXY_COUNT": (0, 10),
+    "LEGACY_MAX_CHARS": (0, None),
+    "MAX_BODY_BYTES": (1024, None),
+    "UPSTREAM_RETRIES": (0, 10),
+    "UPSTREAM_POOL_SIZE": (1, None),
+}
+FLOAT_SETTINGS = {
+    "UPSTREAM_CONNECT_TIMEOUT": (0.05, 600.0),
+    "UPSTREAM_READ_TIMEOUT": (0.05, 3600.0),
+    "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),
+    "UPSTREAM_COOLDOWN": (0.0, 86400.0),
+    "DB_WRITE_TIMEOUT": (0.1, 3600.0),
+}
+BOOL_SETTINGS = ("STREAM_USAGE", "METRICS")
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one sentence for the operator."""
+
+
+def load_dotenv_file(path=".env"):
+    """Load `.env` from the working directory into os.environ, never overriding real variables."""
+    if os.path.isfile(path):
+        dotenv.load_dotenv(path, override=False)
+
+
+def default_instance_path():
+    """`instance/` beside the `relay` package, as Flask computes it for the app."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "instance")
+
+
+def load_settings(instance_path, test_config=None, environ=None):
+    """Settings from defaults, instance/config.py, RELAY_* variables and test overrides, checked.
+
+    Plain dict work with no Flask import, so gunicorn's master can check the
+    configuration before forking without importing ssl ahead of gevent's patching.
+    """
+    settings = dict(DEFAULTS)
+    if test_config is None:
+        instance_file = os.path.join(instance_path, "config.py")
+        if os.path.isfile(instance_file):
+            values = runpy.run_path(instance_file)
+            settings.update({k: v for k, v in values.items() if k.isupper()})
+        load_dotenv_file()
+    environ = os.environ if environ is None else environ
+    prefix = ENV_PREFIX + "_"
+    for name, value in environ.items():
+        if name.startswith(prefix):
+            settings[name[len(prefix) :]] = value
+    if test_config is not None:
+        settings.update(test_config)
+    check(settings, instance_path)
+    return settings
+
+
+def configure(app, test_config=None):
+    """Fill app.config with the checked settings."""
+    app.config.update(load_settings(app.instance_path, test_config))
+
+
+def check(config, instance_path):
+    """Convert and validate every setting in place; raise ConfigError with one clear sentence."""
+    for name, (low, high) in INT_SETTINGS.items():
+        config[name] = _as_number(name, config[name], int, low, high)
+    for name, (low, high) in FLOAT_SETTINGS.items():
+        config[name] = _as_number(name, config[name], float, low, high)
+    for name in BOOL_SETTINGS:
+        config[name] = _as_bool(name, config[name])
+    if not config["DATABASE"]:
+        config["DATABASE"] = os.path.join(instance_path, "relay.sqlite")
+    if not config["RATELIMIT_STORAGE_URI"]:
+        path = os.path.join(instance_path, "ratelimit.sqlite")
+        config["RATELIMIT_STORAGE_URI"] = f"sqlite:///{os.path.abspath(path)}"
+    if not config["UPSTREAMS_FILE"]:
+        default_file = os.path.join(instance_path, "upstreams.toml")
+        config["UPSTREAMS_FILE"] = default_file if os.path.isfile(default_file) else None
+    config["MODEL_ALIASES"] = parse_aliases(config["MODEL_ALIASES"])
+    config["PRICES"] = parse_prices(config["PRICES"])
+    if config["RATELIMIT_STRATEGY"] not in ("fixed-window", "moving-window"):
+        raise ConfigError(
+            "RELAY_RATELIMIT_STRATEGY must be fixed-window or moving-window, "
+            f"not {config['RATELIMIT_STRATEGY']!r}."
+        )
+    if config["UPSTREAM_BASE_URL"]:
+        config["UPSTREAM_BASE_URL"] = check_base_url(
+            "RELAY_UPSTREAM_BASE_URL", config["UPSTREAM_BASE_URL"]
+        )
+    if not config["UPSTREAMS_FILE"]:
+        if not config["UPSTREAM_BASE_URL"]:
+            raise ConfigError(
+                "RELAY_UPSTREAM_BASE_URL is not set: put it (and RELAY_UPSTREAM_API_KEY) in .env, "
+                "e.g. RELAY_UPSTREAM_BASE_URL=https://api.openai.com/v1, or run `make run` "
+                "to try the relay against its demo upstream."
+            )
+        if not config["UPSTREAM_API_KEY"]:
+            raise ConfigError(
+                "RELAY_UPSTREAM_API_KEY is not set: put your upstream account's API key in .env."
+            )
+    if not config["SECRET_KEY"]:
+        # Sessions only matter for /admin, which needs ADMIN_TOKEN anyway.
+        config["SECRET_KEY"] = "relay-session:" + (config["ADMIN_TOKEN"] or os.urandom(16).hex())
+
+
+def check_base_url(name, value):
+    """Return an http(s) base URL without its trailing slash, or raise ConfigError."""
+    parts = urlsplit(str(value).strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{name} must be an http(s) URL such as https://api.openai.com/v1, not {value!r}."
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must not carry a query string or fragment.")
+    return str(value).strip().rstrip("/")
+
+
+def parse_aliases(value):
+    """Parse `alias=model,alias2=model2` (or a dict) into a dict; ConfigError when malformed."""
+    if isinstance(value, dict):
+        return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    aliases = {}
+    for item in str(value or "").split(","):
+        if not item.strip():
+            continue
+        alias, sep, model = item.partition("=")
+        if not sep or not alias.strip() or not model.strip():
+            raise ConfigError(
+                f"RELAY_MODEL_ALIASES must look like gpt-3.5=gpt-3.5-turbo,gpt-4=gpt-4o; "
+                f"{item.strip()!r} has no '=' between an alias and a model."
+            )
+        aliases[alias.strip()] = model.strip()
+    return aliases
+
+
+def parse_prices(value):
+    """Parse `model=prompt:completion,...` (prices per 1000 tokens) into {model: (p, c)}."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
+    prices = {}
+    for item in str(value).split(","):
+        if not item.strip():
+            continue
+        model, _, rates = item.partition("=")
+        prompt, _, completion = rates.partition(":")
+        try:
+            prices[model.strip()] = (float(prompt), float(completion or prompt))
+        except ValueError:
+            raise ConfigError(
+                f"RELAY_PRICES must look like gpt-4o=0.0025:0.01 (per 1000 tokens); "
+                f"{item.strip()!r} is not."
+            ) from None
+    return prices
+
+
+def _as_number(name, value, kind, low, high):
+    """Convert one numeric setting, keeping None for unset optional limits."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        if DEFAULTS[name] is None:
+            return None
+        value = DEFAULTS[name]
+    try:
+        number = kind(str(value).strip()) if not isinstance(value, int | float) else kind(value)
+    except ValueError:
+        raise ConfigError(f"RELAY_{name} must be a number, not {value!r}.") from None
+    if number < low or (high is not None and number > high):
+        upper = f" and at most {high}" if high is not None else ""
+        raise ConfigError(f"RELAY_{name} must be at least {low}{upper}, not {value!r}.")
+    return number
+
+
+def _as_bool(name, value):
+    """Convert on/off style settings to bool."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"RELAY_{name} must be on or off, not {value!r}.")

@@ -1,0 +1,274 @@
+"""Relay keys: creation, hashing, lookup and changes. Only SHA-256 hashes are ever stored."""
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+KEY_PREFIX = "sk-relay-"
+# Columns an operator may change; `keys` rows carry usage counters too.
+SETTABLE = ("quota_tokens", "budget", "rpm", "tpm", "max_concurrent", "models", "expires_at")
+PERIODS = ("none", "monthly")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One key's row, as the request pipeline needs it."""
+
+    id: int
+    name: str
+    enabled: bool
+    quota_tokens: int | None
+    used_tokens: int
+    budget: float | None
+    spent: float
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+    models: tuple[str, ...] | None
+    expires_at: float | None
+    created_at: float
+    last_used_at: float | None
+    quota_period: str
+    period_started_at: float | None
+    key_hint: str
+
+    @classmethod
+    def from_row(cls, row):
+        """Build from a `keys` row dict."""
+        models = row.get("models")
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            enabled=bool(row["enabled"]),
+            quota_tokens=row.get("quota_tokens"),
+            used_tokens=row.get("used_tokens") or 0,
+            budget=row.get("budget"),
+            spent=row.get("spent") or 0.0,
+            rpm=row.get("rpm"),
+            tpm=row.get("tpm"),
+            max_concurrent=row.get("max_concurrent"),
+            models=tuple(m for m in models.split(",") if m) if models else None,
+            expires_at=row.get("expires_at"),
+            created_at=row["created_at"],
+            last_used_at=row.get("last_used_at"),
+            quota_period=row.get("quota_period") or "none",
+            period_started_at=row.get("period_started_at"),
+            key_hint=row.get("key_hint") or "",
+        )
+
+    @property
+    def remaining_tokens(self):
+        """Tokens left, or None for an unlimited key."""
+        if self.quota_tokens is None:
+            return None
+        return max(self.quota_tokens - self.used_tokens, 0)
+
+    def expired(self, now=None):
+        """Whether the key's expiry time has passed."""
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+
+    def allows_model(self, model):
+        """Whether the allow-list (if any) admits this model (exact name or `prefix*`)."""
+        if self.models is None or model is None:
+            return True
+        for allowed in self.models:
+            if allowed == model or (allowed.endswith("*") and model.startswith(allowed[:-1])):
+                return True
+        return False
+
+
+def hash_key(key):
+    """SHA-256 of the key: keys are high-entropy secrets, so a fast hash is enough."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_key():
+    """A fresh random key: prefix plus 192 bits of randomness."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def key_hint(key):
+    """A display hint that cannot reveal the key: its prefix shape and last four characters."""
+    return f"{key[:3]}…{key[-4:]}" if len(key) >= 12 else "…"
+
+
+def parse_expiry(value):
+    """Parse an expiry date (YYYY-MM-DD, end of that day UTC) or ISO datetime into a timestamp."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        if len(text) == 10:
+            day = dt.date.fromisoformat(text)
+            moment = dt.datetime.combine(day, dt.time.max, tzinfo=dt.UTC)
+        else:
+            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise ValueError(f"expiry {text!r} is not a date like 2026-12-31") from None
+    return moment.timestamp()
+
+
+def parse_models(value):
+    """Normalise a comma-separated allow-list; empty means every model."""
+    if value is None:
+        return None
+    models = [m.strip() for m in str(value).split(",") if m.strip()]
+    return ",".join(models) or None
+
+
+class KeyStore:
+    """Reads and writes the `keys` table."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def create(self, name, key=None, **settings):
+        """Store a new key (random unless given) and return (plaintext key, record)."""
+        name = (name or "").strip()
+        if not name:
+            raise ValueError("a key needs a name")
+        plaintext = key if key is not None else new_key()
+        if len(plaintext) < 8 or any(ch.isspace() for ch in plaintext):
+            raise ValueError("an adopted key must be at least 8 characters with no spaces")
+        row = {
+            "name": name,
+            "key_hash": hash_key(plaintext),
+            "key_hint": key_hint(plaintext),
+            "created_at": time.time(),
+            "enabled": 1,
+            "used_tokens": 0,
+            "spent": 0.0,
+            "quota_period": settings.pop("quota_period", None) or "none",
+            "period_started_at": time.time(),
+        }
+        row.update(self._checked(settings))
+
+        def insert(conn):
+            if conn.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
+                raise ValueError(f"a key named {name!r} already exists")
+            if conn.execute("SELECT 1 FROM keys WHERE key_hash = ?", (row["key_hash"],)).fetchone():
+                raise ValueError("that key string is already in use")
+            columns = ", ".join(row)
+            marks = ", ".join("?" for _ in row)
+            sql = f"INSERT INTO keys ({columns}) VALUES ({marks})"  # noqa: S608 - our column names
+            cursor = conn.execute(sql, tuple(row.values()))
+            return cursor.lastrowid
+
+        key_id = self.db.write(insert)
+        return plaintext, self.get(key_id)
+
+    def _checked(self, settings):
+        """Validate settable columns, returning a dict ready for SQL."""
+        return {column: _checked_value(column, value) for column, value in settings.items()}
+
+    def get(self, key_id):
+        """The record for an id, or None."""
+        row = self.db.query_one("SELECT * FROM keys WHERE id = ?", (key_id,))
+        return KeyRecord.from_row(row) if row else None
+
+    def by_name(self, name):
+        """The record for a name, or None."""
+        row = self.db.query_one("SELECT * FROM keys WHERE name = ?", (name,))
+        return KeyRecord.from_row(row) if row else None
+
+    def authenticate(self, plaintext):
+        """The record whose hash matches, or None. One indexed read: always current.
+
+        The lookup is by hash, so timing reveals nothing about the stored keys; the
+        final compare_digest keeps the check constant-time even so.
+        """
+        digest = hash_key(plaintext)
+        row = self.db.query_one("SELECT * FROM keys WHERE key_hash = ?", (digest,))
+        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+            return None
+        return KeyRecord.from_row(row)
+
+    def all(self):
+        """Every key, oldest first."""
+        return [KeyRecord.from_row(r) for r in self.db.query("SELECT * FROM keys ORDER BY id")]
+
+    def update(self, name, **settings):
+        """Change settings of a named key; return the new record."""
+        values = self._checked(settings)
+        if not values:
+            return self.by_name(name)
+        assignments = ", ".join(f"{column} = ?" for column in values)  # checked names only
+        sql = f"UPDATE keys SET {assignments} WHERE name = ?"  # noqa: S608
+        return self._change(name, sql, (*values.values(), name))
+
+    def set_enabled(self, name, enabled):
+        """Enable or disable a key; takes effect on the next request in every worker."""
+        return self._change(
+            name, "UPDATE keys SET enabled = ? WHERE name = ?", (int(enabled), name)
+        )
+
+    def top_up(self, name, tokens):
+        """Add tokens to a key's quota (a key without a quota gets one of `tokens` + used)."""
+        tokens = int(tokens)
+        if tokens <= 0:
+            raise ValueError("top-up must be a positive number of tokens")
+        return self._change(
+            name,
+            "UPDATE keys SET quota_tokens = COALESCE(quota_tokens, used_tokens) + ? WHERE name = ?",
+            (tokens, name),
+        )
+
+    def delete(self, name):
+        """Delete a key; its usage rows stay for the records."""
+        if self.by_name(name) is None:
+            raise LookupError(f"no key named {name!r}")
+        self.db.write(lambda conn: conn.execute("DELETE FROM keys WHERE name = ?", (name,)))
+
+    def _change(self, name, sql, params):
+        """Run one UPDATE on a named key and return the fresh record."""
+        changed = self.db.write(lambda conn: conn.execute(sql, params).rowcount)
+        if not changed:
+            raise LookupError(f"no key named {name!r}")
+        return self.by_name(name)
+
+    def roll_periods(self, now=None):
+        """Start a new month for monthly keys whose period has ended (used counters back to 0)."""
+        now = now or time.time()
+        month_start = month_start_ts(now)
+        return self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE keys SET used_tokens = 0, spent = 0, period_started_at = ? "
+                    "WHERE quota_period = 'monthly' AND COALESCE(period_started_at, 0) < ?",
+                    (month_start, month_start),
+                ).rowcount
+            )
+        )
+
+
+def _checked_value(column, value):
+    """One settable column's value, converted and validated."""
+    if column not in SETTABLE and column != "quota_period":
+        raise ValueError(f"unknown key setting {column!r}")
+    if column == "quota_period":
+        if value not in PERIODS:
+            raise ValueError(f"quota period must be one of {', '.join(PERIODS)}")
+        return value
+    if value is None:
+        return None
+    if column == "models":
+        return parse_models(value)
+    if column == "expires_at":
+        return value if isinstance(value, float) else parse_expiry(value)
+    if column == "budget":
+        return float(value)
+    number = int(value)
+    if number < 0 or (number == 0 and column != "quota_tokens"):
+        raise ValueError(f"{column} must be a positive number")
+    return number
+
+
+def month_start_ts(now):
+    """Timestamp of the first instant of the current UTC month."""
+    moment = dt.datetime.fromtimestamp(now, tz=dt.UTC)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()

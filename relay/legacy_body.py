@@ -1,0 +1,156 @@
+"""Legacy request bodies: JSON whatever the Content-Type, or PHP-style forms in bracket notation."""
+
+import math
+import re
+from urllib.parse import parse_qsl
+
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from relay.errors import InvalidRequest
+from relay.request_body import decode_utf8, parse_json_object
+
+FLOAT_FIELDS = {"temperature", "top_p", "frequency_penalty", "presence_penalty"}
+INT_FIELDS = {"max_tokens", "max_completion_tokens", "n", "best_of", "seed", "top_logprobs"}
+BOOL_FIELDS = {"stream", "echo", "include_usage", "parallel_tool_calls", "store"}
+TRUE = {"1", "true", "on", "yes"}
+FALSE = {"0", "false", "off", "no", ""}
+BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+MAX_FIELDS = 10000
+MAX_INDEX = 10000
+
+
+def parse_legacy_body(raw, req):
+    """Decode a legacy body into a dict: forms by their type, anything else as JSON."""
+    if not raw.strip():
+        return {}
+    media, options = parse_options_header(req.headers.get("Content-Type", ""))
+    media = media.lower()
+    if media == "multipart/form-data":
+        return coerce_types(nest(multipart_fields(raw, options.get("boundary"))))
+    if media == "application/x-www-form-urlencoded" and raw.lstrip()[:1] != b"{":
+        return coerce_types(nest(urlencoded_fields(raw)))
+    # JSON with the right type, or sent as curl -d sends it (form type) or with no type.
+    return coerce_types(parse_json_object(raw))
+
+
+def urlencoded_fields(raw):
+    """Name/value pairs of a urlencoded body, strictly UTF-8."""
+    text = decode_utf8(raw)
+    try:
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("Form body is not valid UTF-8 once percent-decoded.") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"Form body is malformed: {exc}.") from None
+    return pairs
+
+
+def multipart_fields(raw, boundary):
+    """Name/value pairs of the text fields of a multipart body, strictly UTF-8 (files ignored)."""
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary.")
+    decoder = MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=len(raw) + 1)
+    try:
+        decoder.receive_data(raw)
+        decoder.receive_data(None)
+        pairs, name, parts, is_file = [], None, [], False
+        while True:
+            event = decoder.next_event()
+            if isinstance(event, NeedData | Epilogue):
+                break
+            if isinstance(event, Field | File):
+                name, parts, is_file = event.name, [], isinstance(event, File)
+            elif isinstance(event, Data):
+                parts.append(event.data)
+                if not event.more_data and not is_file:
+                    pairs.append((name, decode_utf8(b"".join(parts), f"Form field {name!r}")))
+            if len(pairs) > MAX_FIELDS:
+                raise InvalidRequest("Too many form fields.")
+    except ValueError as exc:
+        raise InvalidRequest(f"multipart body is malformed: {exc}.") from None
+    return pairs
+
+
+def nest(pairs):
+    """Build nested dicts/lists from PHP bracket names: messages[0][role]=user, stop[]=x."""
+    root = {}
+    for name, value in pairs:
+        head, _, _ = name.partition("[")
+        path = [head, *BRACKETS.findall(name[len(head) :])] if "[" in name else [name]
+        node = root
+        for depth, part in enumerate(path):
+            segment = part or str(_next_index(node))
+            if depth == len(path) - 1:
+                node[segment] = value
+            else:
+                child = node.get(segment)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[segment] = child
+                node = child
+    return _lists(root)
+
+
+def _next_index(node):
+    """PHP's `[]`: one past the largest integer key so far."""
+    numbers = [int(k) for k in node if k.isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _lists(node):
+    """Dicts whose keys are all integers become lists in key order (as PHP's json_encode does)."""
+    if not isinstance(node, dict):
+        return node
+    converted = {k: _lists(v) for k, v in node.items()}
+    if converted and all(k.isdigit() for k in converted):
+        indexes = sorted(int(k) for k in converted)
+        if indexes[-1] > MAX_INDEX:
+            raise InvalidRequest("Form array index is too large.")
+        return [converted[str(i)] for i in indexes]
+    return converted
+
+
+def coerce_types(body):
+    """Turn string values of known numeric and boolean fields into numbers and booleans."""
+    for name, value in list(body.items()):
+        if name in FLOAT_FIELDS | INT_FIELDS | BOOL_FIELDS:
+            body[name] = _typed(name, value)
+        elif name == "stream_options" and isinstance(value, dict):
+            coerce_types(value)
+    return body
+
+
+def _typed(name, value):
+    """One field's value as its type; strings that are not one are a 400."""
+    if value is None or (not isinstance(value, str) and not isinstance(value, list | dict)):
+        if name in BOOL_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            return bool(value)
+        return value
+    if not isinstance(value, str):
+        raise InvalidRequest(f"The {name} field must be a single value.", param=name)
+    text = value.strip().lower()
+    try:
+        if name in BOOL_FIELDS:
+            if text in TRUE:
+                return True
+            if text in FALSE:
+                return False
+            raise ValueError(text)
+        if name in INT_FIELDS:
+            return int(text)
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return number
+    except ValueError:
+        kind = "true or false" if name in BOOL_FIELDS else "a number"
+        raise InvalidRequest(
+            f"The {name} field must be {kind}, not {value!r}.", param=name
+        ) from None

@@ -1,0 +1,118 @@
+"""Server-sent events passthrough: frame events, pick out usage and text, drop what is ours."""
+
+import json
+import re
+
+EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Generated text inside chunks; only kept so usage can be estimated when none arrives.
+TEXT_FIELD = re.compile(
+    rb'"(?:content|text|arguments|reasoning_content|refusal|delta)":"((?:[^"\\]|\\.)*)"'
+)
+USAGE_MARK = b'"usage":'
+NULL_USAGE = (b'"usage":null', b'"usage": null')
+DONE = b"data: [DONE]"
+
+
+class EventTap:
+    """Watches an SSE byte stream as it passes through.
+
+    feed() returns the bytes to send now: whole events only, so an event is never
+    split by us (clients act on whole events anyway) and one event can be dropped:
+    the usage chunk the relay asked for on the client's behalf. Only events that
+    mention usage are parsed as JSON; the rest are scanned with one regex.
+    """
+
+    def __init__(self, strip_usage_chunk=False, keep_text=True):
+        self.strip_usage_chunk = strip_usage_chunk
+        self.keep_text = keep_text
+        self.pending = b""
+        self.usage = None
+        self.model = None
+        self.text_parts = []
+        self.saw_done = False
+        self.events = 0
+
+    def feed(self, data):
+        """Take bytes from upstream; return the complete events among them (maybe b'')."""
+        buffer = self.pending + data if self.pending else data
+        last_end = None
+        for last_end in EVENT_END.finditer(buffer):  # noqa: B007 - we only want the last one
+            pass
+        if last_end is None:
+            self.pending = buffer
+            return b""
+        cut = last_end.end()
+        complete, self.pending = buffer[:cut], buffer[cut:]
+        return self._inspect(complete)
+
+    def flush(self):
+        """Return whatever is left when the upstream closes (an unterminated last event)."""
+        rest, self.pending = self.pending, b""
+        return self._inspect(rest) if rest else b""
+
+    def _inspect(self, complete):
+        """Note usage, text and the end marker in complete events; drop our usage chunk."""
+        self.events += complete.count(b"\n\n") or 1
+        if DONE in complete:
+            self.saw_done = True
+        if self.keep_text:
+            self.text_parts.extend(TEXT_FIELD.findall(complete))
+        if USAGE_MARK not in complete:
+            return complete
+        kept = []
+        position = 0
+        for end in EVENT_END.finditer(complete):
+            event = complete[position : end.end()]
+            position = end.end()
+            if self._take_usage(event):
+                continue
+            kept.append(event)
+        if position < len(complete):
+            kept.append(complete[position:])
+        return b"".join(kept)
+
+    def _take_usage(self, event):
+        """Record usage found in one event; True when the event should be dropped."""
+        if USAGE_MARK not in event or any(null in event for null in NULL_USAGE):
+            return False
+        payload = event_data(event)
+        if payload is None:
+            return False
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(chunk, dict):
+            return False
+        usage = chunk.get("usage")
+        response = chunk.get("response")
+        if not isinstance(usage, dict) and isinstance(response, dict):
+            usage = response.get("usage")  # Responses API: usage rides on response.completed
+        if not isinstance(usage, dict):
+            return False
+        self.usage = usage
+        self.model = chunk.get("model") or self.model
+        # Only the extra chat/completions chunk (choices == []) is ours to drop.
+        return self.strip_usage_chunk and chunk.get("choices") == []
+
+    def generated_text(self):
+        """The text the upstream generated so far, decoded from the JSON string escapes."""
+        pieces = []
+        for raw in self.text_parts:
+            try:
+                pieces.append(json.loads(b'"' + raw + b'"'))
+            except ValueError:
+                pieces.append(raw.decode("utf-8", "replace"))
+        return "".join(pieces)
+
+
+def event_data(event):
+    """The joined `data:` lines of one SSE event, or None."""
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def error_event(message, code, type_="upstream_error"):
+    """A final SSE event carrying an OpenAI-shaped error, for streams the upstream broke."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -1,0 +1,137 @@
+"""Streaming replies: bytes go out as they arrive; the call completes however the stream ends."""
+
+import requests
+import urllib3
+from flask import Response
+
+from relay import sse
+from relay.disconnect import DisconnectWatch
+from relay.upstream_http import response_headers
+from relay.usage import GENERATION_PATHS, estimated_usage, read_usage
+
+STREAM_HEADERS = [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
+BROKEN = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError)
+
+
+def streamed_reply(state, call, reply, tap, environ):
+    """A Flask response streaming an SSE (tap given) or binary upstream reply through."""
+    call.streaming = True
+    headers = response_headers(reply.headers)
+    if tap is not None:
+        headers = [h for h in headers if h[0].lower() != "cache-control"] + STREAM_HEADERS
+    body = StreamedBody(state, call, reply, tap, environ)
+    return Response(body, reply.status_code, headers, direct_passthrough=True)
+
+
+class StreamedBody:
+    """The WSGI body of a stream. Whatever ends it (the upstream, an error, the client
+    hanging up, even before the first byte) completes the call exactly once."""
+
+    def __init__(self, state, call, reply, tap, environ):
+        self.state = state
+        self.call = call
+        self.reply = reply
+        self.tap = tap
+        self.environ = environ
+        self.client_gone = False
+        self._generator = None
+
+    def __iter__(self):
+        self._generator = self._generate()
+        return self._generator
+
+    def close(self):
+        """Called by the WSGI server when the response ends, normally or not."""
+        if self._generator is not None:
+            self._generator.close()
+        self.reply.close()
+        self.finish("client_disconnected")
+
+    def hang_up(self):
+        """The client left: wake the read blocked on the upstream so the stream ends now."""
+        self.client_gone = True
+        try:
+            self.reply.raw.shutdown()
+        except (ValueError, RuntimeError, OSError):
+            self.reply.close()
+
+    def finish(self, outcome):
+        """Complete the call once: tokens from the stream, then the usage row."""
+        call = self.call
+        if call.completed:
+            return
+        call.outcome = outcome
+        if self.tap is not None:
+            settle_stream_usage(call, self.tap)
+        self.state.complete(call)
+
+    def _chunks(self):
+        """Upstream body bytes as they arrive (per HTTP chunk, or whatever one read returns)."""
+        raw = self.reply.raw
+        if raw.chunked and raw.supports_chunked_reads():
+            yield from raw.read_chunked(None, decode_content=True)
+            return
+        while data := raw.read1(65536, decode_content=True):
+            yield data
+
+    def _generate(self):
+        """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
+        call, tap = self.call, self.tap
+        watch = DisconnectWatch(self.environ, self.hang_up)
+        try:
+            for data in self._chunks():
+                out = tap.feed(data) if tap is not None else data
+                if not out:
+                    continue
+                if tap is not None and tap.saw_done:
+                    self.finish("ok")  # the row exists before the client sees [DONE]
+                call.mark_first_byte()
+                call.bytes_out += len(out)
+                yield out
+            rest = tap.flush() if tap is not None else b""
+            if rest:
+                call.bytes_out += len(rest)
+                yield rest
+            self.finish("ok")
+        except GeneratorExit:
+            self.finish("client_disconnected")
+            raise
+        except BROKEN as exc:
+            event = self._broken(exc)
+            if event:
+                yield event
+        finally:
+            watch.stop()
+            self.reply.close()
+
+    def _broken(self, exc):
+        """Complete a stream the upstream (or the client) broke; return the error event to send."""
+        if self.client_gone:
+            self.finish("client_disconnected")
+            return None
+        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
+        outcome = "upstream_timeout" if timed_out else "upstream_dropped"
+        event = None
+        if self.tap is not None:
+            seconds = self.state.config["UPSTREAM_READ_TIMEOUT"]
+            message = (
+                f"The upstream sent nothing for {seconds:g} s; the stream was ended."
+                if timed_out
+                else "The upstream connection broke in the middle of the stream."
+            )
+            event = sse.error_event(message, outcome)
+            self.call.bytes_out += len(event)
+        self.finish(outcome)
+        return event
+
+
+def settle_stream_usage(call, tap):
+    """Tokens of a finished stream: the upstream's usage chunk, else the estimate rule."""
+    if tap.model:
+        call.model_served = tap.model
+    usage = read_usage(tap.usage)
+    if usage:
+        call.set_usage(usage, "upstream")
+    elif call.path in GENERATION_PATHS or tap.text_parts:
+        estimate = estimated_usage(call.json, tap.generated_text())
+        call.set_usage(read_usage(estimate), "estimated")

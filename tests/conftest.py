@@ -1,0 +1,224 @@
+"""Shared fixtures: a real fake upstream on loopback, the app on a temp database, gunicorn runs."""
+
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from fake_upstream import FakeUpstream
+
+from relay import create_app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
+# Every secret the suite uses; test_secrets greps logs and replies for them.
+SECRETS_SEEN = {UPSTREAM_KEY}
+
+
+@pytest.fixture
+def fake():
+    """A fresh fake upstream for one test."""
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+    if upstream.errors:
+        raise AssertionError(f"fake upstream errors: {upstream.errors}")
+
+
+def relay_settings(tmp_path, fake, **overrides):
+    """App settings pointing at the fake, on files under tmp_path."""
+    settings = {
+        "DATABASE": str(tmp_path / "relay.sqlite"),
+        "RATELIMIT_STORAGE_URI": f"sqlite:///{tmp_path / 'ratelimit.sqlite'}",
+        "UPSTREAM_BASE_URL": fake.base_url,
+        "UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "UNAUTHENTICATED_RPM": 1000,
+        "UPSTREAM_READ_TIMEOUT": 5.0,
+        "UPSTREAM_CONNECT_TIMEOUT": 2.0,
+    }
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture
+def settings(tmp_path, fake):
+    """Overridable test settings (tests may change entries before using `app`)."""
+    return relay_settings(tmp_path, fake)
+
+
+@pytest.fixture
+def app(settings):
+    """The relay app on a temp database, forwarding to the fake upstream."""
+    application = create_app(settings)
+    yield application
+    state = application.extensions["relay"]
+    state.session.close()
+    state.db.close()
+    state.limiter.storage.db.close() if hasattr(state.limiter.storage, "db") else None
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """Flask's CLI runner."""
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def make_key(app):
+    """Create a key with settings; returns the plaintext key."""
+
+    def make(name=None, **settings):
+        make.count += 1
+        plaintext, _ = app.extensions["relay"].keys.create(name or f"key{make.count}", **settings)
+        SECRETS_SEEN.add(plaintext)
+        return plaintext
+
+    make.count = 0
+    return make
+
+
+@pytest.fixture
+def key(make_key):
+    """One unlimited key."""
+    return make_key("default-key")
+
+
+def auth(key):
+    """Authorization header for a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def free_port():
+    """A free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RelayServer:
+    """The relay under real gunicorn (the Procfile's command) in a subprocess."""
+
+    def __init__(self, tmp_path, env, workers=2, worker_class="gevent"):
+        self.port = free_port()
+        self.tmp_path = tmp_path
+        self.db_path = env.get("RELAY_DATABASE") or str(tmp_path / "relay.sqlite")
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+            "RELAY_DATABASE": self.db_path,
+            "RELAY_RATELIMIT_STORAGE_URI": f"sqlite:///{tmp_path / 'ratelimit.sqlite'}",
+            "RELAY_UNAUTHENTICATED_RPM": "1000",
+            "PORT": str(self.port),
+            "RELAY_BIND": "127.0.0.1",
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_CMD_ARGS": "--graceful-timeout 5",
+            **env,
+        }
+        self.worker_class = worker_class
+        self.process = None
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def command(self):
+        """The Procfile's web command, as the operator would run it."""
+        with open(os.path.join(ROOT, "Procfile"), encoding="utf-8") as handle:
+            line = next(ln for ln in handle if ln.startswith("web:"))
+        command = line[4:].strip()
+        bindir = os.path.dirname(sys.executable)
+        return f"exec {bindir}/{command}"
+
+    def start(self, timeout=20.0):
+        """Start gunicorn and wait for /healthz."""
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            ["/bin/sh", "-c", self.command()],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.output()}")
+            try:
+                if requests.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not become healthy:\n{self.output()}")
+
+    def worker_pids(self):
+        """PIDs of the gunicorn workers (children of the master)."""
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def output(self):
+        """Everything gunicorn and the relay logged so far."""
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        """Stop gunicorn gracefully (then forcefully)."""
+        gc.collect()  # closes client sockets left in dropped requests pools (keep-alive)
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def flask(self, *args):
+        """Run `flask --app app ...` against this server's database."""
+        return subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "flask"), "--app", "app", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def create_key(self, name, *options):
+        """Create a key through the CLI and return it (the last line of stdout)."""
+        result = self.flask("keys", "create", name, *options)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr)
+        plaintext = result.stdout.strip().splitlines()[-1]
+        SECRETS_SEEN.add(plaintext)
+        return plaintext
+
+
+@pytest.fixture
+def relay_server(tmp_path, fake):
+    """Factory: start gunicorn with extra RELAY_* env; all stopped at the end."""
+    servers = []
+
+    def start(workers=2, **env):
+        base = {"RELAY_UPSTREAM_BASE_URL": fake.base_url, "RELAY_UPSTREAM_API_KEY": UPSTREAM_KEY}
+        server = RelayServer(tmp_path, {**base, **env}, workers=workers)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Install the system programs the tests drive for real (PHP client, Redis, Chromium), if missing.
+set -eu
+need=""
+command -v php >/dev/null 2>&1 && php -m 2>/dev/null | grep -qi '^curl$' || need="$need php-cli php-curl"
+command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
+[ -x /usr/bin/chromium ] || need="$need chromium"
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "tests need:$need (run as root or install them); the tests that use them will be skipped" >&2
+        exit 0
+    fi
+    echo "installing:$need"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+fi
