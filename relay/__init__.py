@@ -9,9 +9,10 @@ def create_app(test_config=None):
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from relay import balance, cli, errors, health, openai_face
+    from relay import balance, cli, errors, health, legacy_face, openai_face
     from relay import config as relay_config
-    from relay.ratelimit import make_limiter
+    from relay.inflight import make_inflight
+    from relay.ratelimit import KeyLimits, make_limiter
     from relay.state import RelayState
 
     app = Flask(__name__, instance_relative_config=True)
@@ -27,7 +28,11 @@ def create_app(test_config=None):
     errors.init_app(app)
     # The limiter's hooks must be registered before the faces' hooks (global limit first).
     state.limiter = make_limiter(app)
+    key_limits = KeyLimits(state.limiter, make_inflight(state.limiter.storage), app.config)
+    state.admission_checks.append(key_limits.admit)
+    state.finish_hooks.append(key_limits.finish)
     app.register_blueprint(openai_face.make_blueprint(state.limiter))
+    app.register_blueprint(legacy_face.make_blueprint(state.limiter))
     app.register_blueprint(balance.bp)
     app.register_blueprint(health.bp)
     cli.init_app(app)

@@ -46,11 +46,19 @@ def forward(state, call, client_headers, environ):
     """Send the call to the best target, retrying other keys/upstreams until a reply starts."""
     deadline = time.monotonic() + state.config["UPSTREAM_RETRY_BUDGET"]
     timeout = (state.config["UPSTREAM_CONNECT_TIMEOUT"], state.config["UPSTREAM_READ_TIMEOUT"])
-    targets = state.router.targets(call.model)[: state.config["UPSTREAM_RETRIES"] + 1]
+    targets = state.router.targets(call.model)
+    if len(targets) == 1:
+        # A lone key gets a second try, but only after a broken connection (a pooled
+        # keep-alive connection the upstream had just closed), never after an answer.
+        targets = targets * 2
+    targets = targets[: state.config["UPSTREAM_RETRIES"] + 1]
     failure = None
+    broken = False
     for number, target in enumerate(targets):
-        if number and time.monotonic() >= deadline:
+        repeat = target in targets[:number]
+        if number and (time.monotonic() >= deadline or (repeat and not broken)):
             break
+        broken = False
         call.attempts += 1
         call.upstream_name = target.upstream.name
         data, content_type, injected = body_for(call, target.upstream)
@@ -78,8 +86,10 @@ def forward(state, call, client_headers, environ):
             log.warning("upstream %s unreachable: %s", target.upstream.name, type(exc).__name__)
             failure = UpstreamError("The upstream could not be reached.")
             state.router.rest(target)
+            broken = True
             continue
-        if reply.status_code in RETRY_STATUSES and number + 1 < len(targets):
+        later = [t for t in targets[number + 1 :] if t != target]
+        if reply.status_code in RETRY_STATUSES and later:
             log.warning(
                 "upstream %s key #%d answered %d; trying the next one",
                 target.upstream.name,

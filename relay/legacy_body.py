@@ -17,17 +17,17 @@ TRUE = {"1", "true", "on", "yes"}
 FALSE = {"0", "false", "off", "no", ""}
 BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 MAX_FIELDS = 10000
-MAX_INDEX = 10000
 
 
 def parse_legacy_body(raw, req):
-    """Decode a legacy body into a dict: forms by their type, anything else as JSON."""
+    """Decode a legacy body into a dict (None when empty): forms by their type, else JSON."""
     if not raw.strip():
-        return {}
+        return None
     media, options = parse_options_header(req.headers.get("Content-Type", ""))
     media = media.lower()
     if media == "multipart/form-data":
-        return coerce_types(nest(multipart_fields(raw, options.get("boundary"))))
+        pairs, _ = multipart_fields(raw, options.get("boundary"))
+        return coerce_types(nest(pairs))
     if media == "application/x-www-form-urlencoded" and raw.lstrip()[:1] != b"{":
         return coerce_types(nest(urlencoded_fields(raw)))
     # JSON with the right type, or sent as curl -d sends it (form type) or with no type.
@@ -53,20 +53,21 @@ def urlencoded_fields(raw):
 
 
 def multipart_fields(raw, boundary):
-    """Name/value pairs of the text fields of a multipart body, strictly UTF-8 (files ignored)."""
+    """(name/value pairs of the text fields, whether there were files), strictly UTF-8."""
     if not boundary:
         raise InvalidRequest("multipart/form-data without a boundary.")
     decoder = MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=len(raw) + 1)
     try:
         decoder.receive_data(raw)
         decoder.receive_data(None)
-        pairs, name, parts, is_file = [], None, [], False
+        pairs, name, parts, is_file, files = [], None, [], False, 0
         while True:
             event = decoder.next_event()
             if isinstance(event, NeedData | Epilogue):
                 break
             if isinstance(event, Field | File):
                 name, parts, is_file = event.name, [], isinstance(event, File)
+                files += is_file
             elif isinstance(event, Data):
                 parts.append(event.data)
                 if not event.more_data and not is_file:
@@ -75,7 +76,25 @@ def multipart_fields(raw, boundary):
                 raise InvalidRequest("Too many form fields.")
     except ValueError as exc:
         raise InvalidRequest(f"multipart body is malformed: {exc}.") from None
-    return pairs
+    return pairs, files > 0
+
+
+def multipart_has_files(raw, content_type):
+    """Whether a multipart body carries file parts (an upload to pass on as multipart)."""
+    media, options = parse_options_header(content_type or "")
+    if media.lower() != "multipart/form-data":
+        return False
+    return multipart_fields(raw, options.get("boundary"))[1]
+
+
+def drop_multipart_field(raw, content_type, field):
+    """The multipart body without the parts named `field`, other bytes untouched."""
+    _, options = parse_options_header(content_type or "")
+    delimiter = b"--" + options["boundary"].encode("latin-1")
+    pieces = raw.split(delimiter)
+    marker = f'name="{field}"'.encode()
+    kept = [p for p in pieces if marker not in p.split(b"\r\n\r\n", 1)[0]]
+    return delimiter.join(kept)
 
 
 def nest(pairs):
@@ -105,15 +124,12 @@ def _next_index(node):
 
 
 def _lists(node):
-    """Dicts whose keys are all integers become lists in key order (as PHP's json_encode does)."""
+    """Dicts keyed 0..n-1 become lists, as PHP's json_encode does; others stay objects."""
     if not isinstance(node, dict):
         return node
     converted = {k: _lists(v) for k, v in node.items()}
-    if converted and all(k.isdigit() for k in converted):
-        indexes = sorted(int(k) for k in converted)
-        if indexes[-1] > MAX_INDEX:
-            raise InvalidRequest("Form array index is too large.")
-        return [converted[str(i)] for i in indexes]
+    if converted and {k for k in converted} == {str(i) for i in range(len(converted))}:
+        return [converted[str(i)] for i in range(len(converted))]
     return converted
 
 

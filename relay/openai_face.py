@@ -1,10 +1,12 @@
 """The OpenAI face: every path under /v1 is forwarded as it came, but for the key fields."""
 
-from flask import Blueprint, g, request
+from flask import Blueprint, current_app, g, request
 
 from relay import pipeline
+from relay.models_list import models_union
 from relay.ratelimit import per_key_rpm
 from relay.request_body import looks_like_json, parse_json_object
+from relay.state import state
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -26,6 +28,18 @@ def make_blueprint(limiter):
         g.face = "openai"
         path = (request.view_args or {}).get("path", request.path.removeprefix("/v1/"))
         pipeline.open_call("openai", path, parse_body)
+
+    @bp.get("/models")
+    @per_key_rpm(limiter)
+    def list_models():
+        """One upstream: forwarded as is. Several, or an allow-list: the relay's own union."""
+        current, call = state(), g.call
+        if len(current.router.upstreams) == 1 and call.key.models is None:
+            return pipeline.run(call)
+        pipeline.admit(call)
+        body = models_union(current, call.key)
+        call.upstream_name = "*"
+        return current_app.response_class(body, mimetype="application/json")
 
     @bp.route("/<path:path>", methods=METHODS)
     @per_key_rpm(limiter)

@@ -6,6 +6,7 @@ import time
 from flask import current_app, g, request
 from flask_limiter import Limiter
 from limits import RateLimitItemPerMinute
+from limits.strategies import FixedWindowRateLimiter
 
 import relay.sqlite_limits  # noqa: F401 - registers the sqlite:// storage scheme with limits
 from relay.errors import RateLimited
@@ -89,6 +90,71 @@ def current_limiter():
     return current_app.extensions["relay"].limiter
 
 
+def _retry_headers(limit, reset_at, remaining=0):
+    """Retry-After and X-RateLimit-* headers for a 429 we raise ourselves."""
+    retry_after = max(1, math.ceil(reset_at - time.time()))
+    return {
+        "Retry-After": str(retry_after),
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(int(reset_at)),
+    }
+
+
+class KeyLimits:
+    """Token-per-minute and calls-at-once limits of keys, on the limiter's shared storage."""
+
+    def __init__(self, limiter, inflight, config):
+        # Tokens are counted after the fact, so always a fixed window: a moving window
+        # would refuse to record a call that already happened.
+        self.tokens = FixedWindowRateLimiter(limiter.storage)
+        self.inflight = inflight
+        self.config = config
+
+    def _tpm(self, key):
+        """The key's tokens-per-minute limit, or None."""
+        return key.tpm or self.config["DEFAULT_TPM"]
+
+    def _max_concurrent(self, key):
+        """The key's calls-at-once limit, or None."""
+        return key.max_concurrent or self.config["DEFAULT_MAX_CONCURRENT"]
+
+    def admit(self, call):
+        """Refuse a call over its key's token rate, else take a concurrency slot if capped."""
+        key = call.key
+        tpm = self._tpm(key)
+        if tpm:
+            item = RateLimitItemPerMinute(tpm)
+            if not self.tokens.test(item, "relay", "tpm", str(key.id)):
+                reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", str(key.id))
+                raise RateLimited(
+                    f"Token rate limit reached for this key: {tpm} tokens per minute.",
+                    headers=_retry_headers(tpm, reset_at),
+                )
+        cap = self._max_concurrent(key)
+        if cap:
+            lease = self.inflight.acquire(key.id, cap)
+            if lease is None:
+                raise RateLimited(
+                    f"This key already has {cap} calls in flight, its limit; retry when one ends.",
+                    headers={
+                        "Retry-After": "1",
+                        "X-RateLimit-Limit": str(cap),
+                        "X-RateLimit-Remaining": "0",
+                    },
+                )
+            call.lease = lease
+
+    def finish(self, call):
+        """Release the call's slot and count its tokens against the key's token rate."""
+        if call.lease is not None:
+            lease, call.lease = call.lease, None
+            self.inflight.release(lease)
+        if call.key is not None and self._tpm(call.key) and call.tokens[2] > 0:
+            item = RateLimitItemPerMinute(self._tpm(call.key))
+            self.tokens.hit(item, "relay", "tpm", str(call.key.id), cost=call.tokens[2])
+
+
 def check_unauthenticated():
     """Count a call without a valid key against its address; 429 when there are too many.
 
@@ -104,13 +170,7 @@ def check_unauthenticated():
     if limiter.limiter.hit(item, "relay", "unauthenticated", address):
         return
     reset_at, _ = limiter.limiter.get_window_stats(item, "relay", "unauthenticated", address)
-    retry_after = max(1, math.ceil(reset_at - time.time()))
     raise RateLimited(
-        f"Too many requests without a valid key from this address; retry in {retry_after} s.",
-        headers={
-            "Retry-After": str(retry_after),
-            "X-RateLimit-Limit": str(per_minute),
-            "X-RateLimit-Remaining": "0",
-            "X-RateLimit-Reset": str(int(reset_at)),
-        },
+        "Too many requests without a valid key from this address; retry later.",
+        headers=_retry_headers(per_minute, reset_at),
     )

@@ -392,6 +392,7 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = 512  # bursts of 50+ connections must not overflow the backlog
 
     def __init__(self, address, fake: FakeUpstream):
         self.fake = fake

@@ -1,0 +1,162 @@
+"""Legacy body decoding, chat rules and the estimate rule, checked piece by piece."""
+
+import pytest
+from conftest import auth
+
+from relay.errors import InvalidRequest
+from relay.legacy_body import coerce_types, nest
+from relay.legacy_chat import trim_history
+from relay.usage import estimate_tokens
+
+
+def test_nest_builds_php_arrays():
+    pairs = [
+        ("messages[0][role]", "system"),
+        ("messages[0][content]", "s"),
+        ("messages[1][role]", "user"),
+        ("messages[1][content]", "q"),
+        ("stop[]", "a"),
+        ("stop[]", "b"),
+        ("logit_bias[50256]", "-100"),
+        ("user", "u"),
+    ]
+    body = nest(pairs)
+    assert body["messages"] == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+    ]
+    assert body["stop"] == ["a", "b"]
+    assert body["logit_bias"] == {"50256": "-100"}  # not 0..n-1: stays an object, like PHP
+    assert body["user"] == "u"
+
+
+def test_coerce_types_and_rejects():
+    body = coerce_types(
+        {
+            "temperature": "0.5",
+            "max_tokens": "100",
+            "stream": "0",
+            "n": "1",
+            "stream_options": {"include_usage": "1"},
+            "user": "007",
+        }
+    )
+    assert body == {
+        "temperature": 0.5,
+        "max_tokens": 100,
+        "stream": False,
+        "n": 1,
+        "stream_options": {"include_usage": True},
+        "user": "007",
+    }
+    for bad in (
+        {"temperature": "warm"},
+        {"stream": "maybe"},
+        {"max_tokens": "1.5"},
+        {"top_p": ["1"]},
+        {"n": "nan"},
+    ):
+        with pytest.raises(InvalidRequest):
+            coerce_types(bad)
+
+
+def msg(role, size):
+    """A message whose content has `size` characters."""
+    return {"role": role, "content": "字" * size}
+
+
+def test_trim_at_the_boundary():
+    history = [
+        msg("system", 100),
+        msg("user", 500),
+        msg("assistant", 400),
+        msg("user", 300),
+        msg("assistant", 200),
+        msg("user", 500),
+    ]
+    assert trim_history(history, 2000) == (history, 0)  # exactly 2000: nothing dropped
+    over = [*history[:-1], msg("user", 501)]
+    kept, dropped = trim_history(over, 2000)
+    assert dropped == 2
+    assert kept == [history[0], history[3], history[4], over[-1]]  # oldest pair gone, system kept
+    assert trim_history(over, 0) == (over, 0)
+
+
+def test_trim_keeps_system_and_question_even_when_over():
+    messages = [msg("system", 1900), msg("user", 50), msg("assistant", 50), msg("user", 200)]
+    kept, dropped = trim_history(messages, 2000)
+    assert (kept, dropped) == ([messages[0], messages[3]], 2)
+
+
+def test_last_message_limit():
+    assert trim_history([msg("user", 2000)], 2000)[1] == 0
+    with pytest.raises(InvalidRequest, match="2001 characters"):
+        trim_history([msg("user", 2001)], 2000)
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("", 0),
+        ("hello", 1),
+        ("hello world", 3),
+        ("1+100=", 3),
+        ("你好", 2),
+        ("你好 world", 3),
+        ("上海是一个城市, Shanghai is a city.", 12),
+        ("こんにちは", 5),
+    ],
+)
+def test_estimate_rule(text, tokens):
+    assert estimate_tokens(text) == tokens
+
+
+def test_legacy_form_post_through_test_client(client, key, fake):
+    reply = client.post(
+        "/api/v1/chat/completions",
+        data={
+            "api_secret_key": key,
+            "messages[0][role]": "user",
+            "messages[0][content]": "你好",
+            "temperature": "0.2",
+            "max_tokens": "50",
+            "stream": "0",
+        },
+    )
+    assert reply.status_code == 200
+    assert reply.get_json()["code"] == 0
+    sent = fake.requests[-1].json
+    assert sent == {
+        "messages": [{"role": "user", "content": "你好"}],
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "stream": False,
+        "model": "gpt-3.5-turbo",
+    }
+
+
+def test_legacy_invalid_utf8_form_is_400(client, key, fake):
+    reply = client.post(
+        "/api/v1/chat/completions",
+        data=b"messages[0][content]=%FF%FE&x=1",
+        headers={**auth(key), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 400
+    assert reply.get_json()["code"] == 400 and "UTF-8" in reply.get_json()["msg"]
+    assert fake.requests == []
+
+
+def test_legacy_upload_keeps_multipart_and_drops_key(client, key, fake):
+    import io
+
+    audio = bytes(range(256)) * 8
+    reply = client.post(
+        "/api/v1/audio/transcriptions",
+        content_type="multipart/form-data",
+        data={"api_secret_key": key, "model": "whisper-1", "file": (io.BytesIO(audio), "a.mp3")},
+    )
+    assert reply.status_code == 200
+    received = fake.requests[-1]
+    assert audio in received.body and key.encode() not in received.body
+    assert b'name="model"' in received.body
+    assert reply.get_json()["code"] == 0
