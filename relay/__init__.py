@@ -9,10 +9,20 @@ def create_app(test_config=None):
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from relay import balance, cli, errors, health, legacy_face, openai_face
+    from relay import (
+        admin,
+        balance,
+        cli,
+        errors,
+        health,
+        keyholder,
+        legacy_face,
+        metrics,
+        openai_face,
+    )
     from relay import config as relay_config
     from relay.inflight import make_inflight
-    from relay.ratelimit import KeyLimits, make_limiter
+    from relay.ratelimit import KeyLimits, drop_stray_retry_after, make_limiter
     from relay.state import RelayState
 
     app = Flask(__name__, instance_relative_config=True)
@@ -26,6 +36,8 @@ def create_app(test_config=None):
         count = app.config["PROXY_COUNT"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)
     errors.init_app(app)
+    # Registered before the limiter so it runs after the limiter's header hook.
+    app.after_request(drop_stray_retry_after)
     # The limiter's hooks must be registered before the faces' hooks (global limit first).
     state.limiter = make_limiter(app)
     key_limits = KeyLimits(state.limiter, make_inflight(state.limiter.storage), app.config)
@@ -35,6 +47,9 @@ def create_app(test_config=None):
     app.register_blueprint(legacy_face.make_blueprint(state.limiter))
     app.register_blueprint(balance.bp)
     app.register_blueprint(health.bp)
+    metrics.init_app(app, state)
+    admin.init_app(app)
+    keyholder.init_app(app)
     cli.init_app(app)
     return app
 

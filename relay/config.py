@@ -39,6 +39,7 @@ DEFAULTS = {
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
     "SECRET_KEY": None,  # signs admin sessions; default: derived from ADMIN_TOKEN
+    "SESSION_COOKIE_SECURE": False,  # Flask's own setting: on when served over HTTPS
     "LOG_LEVEL": "INFO",
 }
 
@@ -61,7 +62,7 @@ FLOAT_SETTINGS = {
     "UPSTREAM_COOLDOWN": (0.0, 86400.0),
     "DB_WRITE_TIMEOUT": (0.1, 3600.0),
 }
-BOOL_SETTINGS = ("STREAM_USAGE", "METRICS")
+BOOL_SETTINGS = ("STREAM_USAGE", "METRICS", "SESSION_COOKIE_SECURE")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 

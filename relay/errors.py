@@ -139,7 +139,10 @@ def handle_http_exception(exc):
     from flask_limiter.errors import RateLimitExceeded
 
     if isinstance(exc, RateLimitExceeded):
-        err = RateLimited(f"Rate limit reached: {exc.description}. Retry after the window resets.")
+        reason = exc.description
+        if not reason.startswith("Rate limit"):
+            reason = f"Rate limit reached: {reason}."  # a bare limit such as "10 per 1 minute"
+        err = RateLimited(f"{reason} Retry after the window resets.")
     elif exc.code in HTTP_EXCEPTIONS:
         messages = {
             404: f"Unknown path {request.path}.",

@@ -1,8 +1,12 @@
-"""Gunicorn hooks for the Procfile: check the config before forking, raise the open-file limit."""
+"""Gunicorn hooks for the Procfile: check the config, raise the open-file limit, share metrics."""
 
 import contextlib
+import glob
+import os
 import resource
+import shutil
 import sys
+import tempfile
 
 # Streams are long: gevent workers answer the arbiter's heartbeat from their own
 # loop, so `timeout` only catches a truly stuck worker, never a 60 s stream.
@@ -12,6 +16,8 @@ keepalive = 5  # seconds an idle keep-alive client may wait; also bounds gracefu
 # The relay logs its own events; gunicorn's access log stays off unless asked for.
 accesslog = None
 errorlog = "-"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_made_metrics_dirs = []  # removed again when the master exits
 
 
 def on_starting(server):
@@ -29,6 +35,41 @@ def on_starting(server):
     except ConfigError as exc:
         sys.stderr.write(f"relay: {exc}\n")
         sys.exit(1)
+    _prepare_metrics_dir()
+
+
+def _prepare_metrics_dir():
+    """Give the workers one directory for prometheus_client's per-process files.
+
+    Each worker writes its numbers there and /metrics adds up every worker's, whichever
+    answers. It must be in the environment before the workers fork and import
+    prometheus_client (which picks its storage on import), so it is set here, in the
+    master, without importing prometheus_client.
+    """
+    path = os.environ.get(METRICS_DIR_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        # An earlier run's files would add its old numbers to this run's.
+        for name in glob.glob(os.path.join(path, "*.db")):
+            os.remove(name)
+        return
+    path = tempfile.mkdtemp(prefix="relay-metrics-")
+    _made_metrics_dirs.append(path)
+    os.environ[METRICS_DIR_ENV] = path
+
+
+def child_exit(server, worker):
+    """A worker ended: stop counting its streams in the open-streams gauge (a live sum)."""
+    if os.environ.get(METRICS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this master made (an operator's own one stays)."""
+    for path in _made_metrics_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _raise_open_files_limit():

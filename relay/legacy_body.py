@@ -25,13 +25,21 @@ def parse_legacy_body(raw, req):
         return None
     media, options = parse_options_header(req.headers.get("Content-Type", ""))
     media = media.lower()
-    if media == "multipart/form-data":
+    # A body that starts like JSON is JSON, whatever the header claims (curl -d, PHP
+    # clients that set the wrong type, Notepad's byte-order mark).
+    looks_json = _looks_like_json(raw)
+    if media == "multipart/form-data" and not looks_json:
         pairs, _ = multipart_fields(raw, options.get("boundary"))
         return coerce_types(nest(pairs))
-    if media == "application/x-www-form-urlencoded" and raw.lstrip()[:1] != b"{":
+    if media == "application/x-www-form-urlencoded" and not looks_json:
         return coerce_types(nest(urlencoded_fields(raw)))
     # JSON with the right type, or sent as curl -d sends it (form type) or with no type.
     return coerce_types(parse_json_object(raw))
+
+
+def _looks_like_json(raw):
+    """Whether a body starts like JSON (after white space and a UTF-8 byte-order mark)."""
+    return raw.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
 
 
 def urlencoded_fields(raw):
@@ -82,9 +90,11 @@ def multipart_fields(raw, boundary):
 def multipart_has_files(raw, content_type):
     """Whether a multipart body carries file parts (an upload to pass on as multipart)."""
     media, options = parse_options_header(content_type or "")
-    if media.lower() != "multipart/form-data":
+    if media.lower() != "multipart/form-data" or not options.get("boundary"):
         return False
-    return multipart_fields(raw, options.get("boundary"))[1]
+    if _looks_like_json(raw):
+        return False
+    return multipart_fields(raw, options["boundary"])[1]
 
 
 def drop_multipart_field(raw, content_type, field):
@@ -114,7 +124,8 @@ def nest(pairs):
                     child = {}
                     node[segment] = child
                 node = child
-    return _lists(root)
+    # The body itself is always an object, even if its field names are 0, 1, 2…
+    return {name: _lists(value) for name, value in root.items()}
 
 
 def _next_index(node):

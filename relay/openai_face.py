@@ -11,8 +11,19 @@ from relay.state import state
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
+# Endpoints whose bodies are always JSON objects: the relay reads them (model, stream,
+# the prompt for estimates), so they must parse whatever Content-Type says.
+JSON_ENDPOINTS = {
+    "chat/completions", "completions", "embeddings", "moderations", "responses",
+    "images/generations", "audio/speech",
+}  # fmt: skip
+
+
 def parse_body(raw, req):
     """JSON bodies must be UTF-8 JSON objects; other bodies (multipart, binary) pass untouched."""
+    path = (req.view_args or {}).get("path")
+    if req.method == "POST" and path in JSON_ENDPOINTS:
+        return parse_json_object(raw)
     if raw and looks_like_json(req.content_type, raw):
         return parse_json_object(raw)
     return None

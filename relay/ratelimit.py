@@ -55,6 +55,13 @@ def per_key_rpm(limiter):
     )
 
 
+def drop_stray_retry_after(response):
+    """flask-limiter puts Retry-After on every limited reply; it belongs on 429 and 503 only."""
+    if response.status_code not in (429, 503):
+        response.headers.pop("Retry-After", None)
+    return response
+
+
 def _global_rpm():
     """RELAY_GLOBAL_RPM as a limit string."""
     return f"{current_app.config['GLOBAL_RPM']}/minute"

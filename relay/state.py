@@ -36,6 +36,7 @@ class RelayState:
         self.inflight = None  # set by create_app (per-key concurrency caps)
         self.admission_checks = []  # called with each call before it is forwarded
         self.finish_hooks = []  # called with every finished call (metrics, limits)
+        self.stream_hooks = []  # called when a streamed reply starts (metrics)
 
     def complete(self, call):
         """Record a finished call once: its usage row, then every finish hook."""

@@ -16,6 +16,8 @@ BROKEN = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OS
 def streamed_reply(state, call, reply, tap, environ):
     """A Flask response streaming an SSE (tap given) or binary upstream reply through."""
     call.streaming = True
+    for hook in state.stream_hooks:
+        hook(call)  # e.g. the open-streams gauge; completing the call takes it back down
     headers = response_headers(reply.headers)
     if tap is not None:
         headers = [h for h in headers if h[0].lower() != "cache-control"] + STREAM_HEADERS

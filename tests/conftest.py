@@ -1,6 +1,7 @@
 """Shared fixtures: a real fake upstream on loopback, the app on a temp database, gunicorn runs."""
 
 import gc
+import logging
 import os
 import signal
 import socket
@@ -19,8 +20,75 @@ from relay import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
-# Every secret the suite uses; test_secrets greps logs and replies for them.
+# Every secret the suite uses, and everything the relay said while the suite ran:
+# tests/test_zzz_secrets.py (run last) checks that no secret appears anywhere in it.
 SECRETS_SEEN = {UPSTREAM_KEY}
+CAPTURED_REPLIES = []
+CAPTURED_LOG_FILES = []
+
+
+class _LogCapture(logging.Handler):
+    """Keeps every log line the relay (and anything else in-process) emits."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        """Store the formatted line, with any traceback."""
+        self.lines.append(self.format(record))
+
+
+LOG_CAPTURE = _LogCapture()
+logging.getLogger().addHandler(LOG_CAPTURE)
+logging.getLogger("relay").addHandler(LOG_CAPTURE)
+
+
+class _TeeReplies:
+    """WSGI middleware keeping a copy of every reply body (streams too) the app sends."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        def start(status, headers, exc_info=None):
+            CAPTURED_REPLIES.append(f"{status} {headers}".encode())
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, start)
+        return _TeeBody(body)
+
+
+class _TeeBody:
+    """An iterable that records each chunk it passes on."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def __iter__(self):
+        for chunk in self.body:
+            CAPTURED_REPLIES.append(chunk)
+            yield chunk
+
+    def close(self):
+        """Close the wrapped body."""
+        if hasattr(self.body, "close"):
+            self.body.close()
+
+
+_original_send = requests.Session.send
+
+
+def _recording_send(self, request, **kwargs):
+    """requests' send, keeping a copy of whole (non-streamed) replies from gunicorn runs."""
+    response = _original_send(self, request, **kwargs)
+    CAPTURED_REPLIES.append(str(response.headers).encode())
+    if not kwargs.get("stream"):
+        CAPTURED_REPLIES.append(response.content)
+    return response
+
+
+requests.Session.send = _recording_send
 
 
 @pytest.fixture
@@ -58,6 +126,7 @@ def settings(tmp_path, fake):
 def app(settings):
     """The relay app on a temp database, forwarding to the fake upstream."""
     application = create_app(settings)
+    application.wsgi_app = _TeeReplies(application.wsgi_app)
     yield application
     state = application.extensions["relay"]
     state.session.close()
@@ -117,6 +186,7 @@ class RelayServer:
         self.tmp_path = tmp_path
         self.db_path = env.get("RELAY_DATABASE") or str(tmp_path / "relay.sqlite")
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        CAPTURED_LOG_FILES.append(self.log_path)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
             "RELAY_DATABASE": self.db_path,

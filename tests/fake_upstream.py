@@ -175,7 +175,7 @@ class _Peer:
         path, _, query = target.partition("?")
         try:
             parsed = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         scheme, _, token = headers.get("authorization", "").partition(" ")
         key = token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -73,9 +73,12 @@ def check_exactly_ten_of_thirty(server):
     statuses = [r.status_code for r in replies]
     assert statuses.count(200) == 10, statuses
     assert statuses.count(429) == 20
+    passed = next(r for r in replies if r.status_code == 200)
+    assert passed.headers["X-RateLimit-Limit"] == "10" and "Retry-After" not in passed.headers
     refused = next(r for r in replies if r.status_code == 429)
     error = refused.json()["error"]
     assert error["code"] == "rate_limit_exceeded" and "10" in error["message"]
+    assert error["message"].count("Rate limit") == 1
     assert int(refused.headers["Retry-After"]) > 0
     assert refused.headers["X-RateLimit-Limit"] == "10"
     assert refused.headers["X-RateLimit-Remaining"] == "0"

@@ -1,0 +1,95 @@
+<?php
+// A legacy client written the way the old service's PHP users write it (php-curl, arrays).
+// Usage: php client.php MODE URL KEY
+//   MODE: json | json-no-header | form | multipart | stream | error
+// Prints the raw reply body on stdout (stream: each chunk as it arrives);
+// "HTTP <status>" (and, for stream, "writes <n>") on stderr.
+
+if ($argc !== 4) {
+    fwrite(STDERR, "usage: php client.php json|json-no-header|form|multipart|stream|error URL KEY\n");
+    exit(2);
+}
+$mode = $argv[1];
+$url = $argv[2];
+$key = $argv[3];
+
+// The docs' PHP example, as written there.
+function chat_params($key)
+{
+    $arr = array();
+    $arr['api_secret_key'] = $key;
+    $arr['user'] = '张三';
+    {
+        $one = ["role" => 'user', "content" => "1+100="];
+        $messages = array(); $messages[] = $one;
+        $arr['messages'] = $messages;
+    }
+    return $arr;
+}
+
+$writes = 0;
+$headers = array();
+$ch = curl_init($url);
+curl_setopt($ch, CURLOPT_POST, true);
+curl_setopt($ch, CURLOPT_TIMEOUT, 30);
+curl_setopt($ch, CURLOPT_RETURNTRANSFER, true);
+
+switch ($mode) {
+    case 'json':
+    case 'error':
+        curl_setopt($ch, CURLOPT_POSTFIELDS, json_encode(chat_params($key)));
+        $headers[] = 'Content-Type: application/json';
+        break;
+    case 'json-no-header':
+        // No Content-Type set: php-curl sends application/x-www-form-urlencoded.
+        curl_setopt($ch, CURLOPT_POSTFIELDS, json_encode(chat_params($key)));
+        break;
+    case 'form':
+        $arr = chat_params($key);
+        $arr['temperature'] = 0.5;
+        $arr['max_tokens'] = 100;
+        $arr['stream'] = false;  // http_build_query sends stream=0
+        curl_setopt($ch, CURLOPT_POSTFIELDS, http_build_query($arr));
+        break;
+    case 'multipart':
+        // An array (not a string) makes php-curl send multipart/form-data.
+        curl_setopt($ch, CURLOPT_POSTFIELDS, array(
+            'api_secret_key' => $key,
+            'messages[0][role]' => 'user',
+            'messages[0][content]' => '你好，世界',
+            'n' => '1',
+        ));
+        break;
+    case 'stream':
+        $arr = chat_params($key);
+        $arr['stream'] = true;
+        curl_setopt($ch, CURLOPT_POSTFIELDS, json_encode($arr));
+        $headers[] = 'Content-Type: application/json';
+        curl_setopt($ch, CURLOPT_WRITEFUNCTION, function ($ch, $data) use (&$writes) {
+            $writes++;
+            echo $data;
+            flush();
+            return strlen($data);
+        });
+        break;
+    default:
+        fwrite(STDERR, "unknown mode: $mode\n");
+        exit(2);
+}
+if ($headers) {
+    curl_setopt($ch, CURLOPT_HTTPHEADER, $headers);
+}
+
+$chatgpt_back = curl_exec($ch);
+if ($chatgpt_back === false) {
+    fwrite(STDERR, 'curl error: ' . curl_error($ch) . "\n");
+    exit(1);
+}
+if ($mode !== 'stream') {
+    echo $chatgpt_back;
+}
+fwrite(STDERR, 'HTTP ' . curl_getinfo($ch, CURLINFO_RESPONSE_CODE) . "\n");
+if ($mode === 'stream') {
+    fwrite(STDERR, "writes $writes\n");
+}
+curl_close($ch);
