@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format bench-smoke clean
 
 $(VENV)/.runtime: requirements.txt
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest
+	$(MAKE) bench-smoke
+
+bench-smoke: $(VENV)/.dev
+	$(PYTHON) -m bench.run --smoke
 
 lint: $(VENV)/.dev
 	$(PYTHON) -m ruff check .

@@ -3,6 +3,8 @@
 import json
 import re
 
+from relay.usage import estimate_tokens
+
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Generated text inside chunks; only kept so usage can be estimated when none arrives.
 TEXT_FIELD = re.compile(
@@ -11,6 +13,9 @@ TEXT_FIELD = re.compile(
 USAGE_MARK = b'"usage":'
 NULL_USAGE = (b'"usage":null', b'"usage": null')
 DONE = b"data: [DONE]"
+# Captured text is folded into a running token estimate this often, so a very long
+# stream keeps a few kilobytes, not every piece it ever carried.
+FOLD_EVERY = 256
 
 
 class EventTap:
@@ -29,19 +34,18 @@ class EventTap:
         self.usage = None
         self.model = None
         self.text_parts = []
+        self.folded_tokens = 0
+        self.saw_text = False
         self.saw_done = False
         self.events = 0
 
     def feed(self, data):
         """Take bytes from upstream; return the complete events among them (maybe b'')."""
         buffer = self.pending + data if self.pending else data
-        last_end = None
-        for last_end in EVENT_END.finditer(buffer):  # noqa: B007 - we only want the last one
-            pass
-        if last_end is None:
+        cut = _last_event_end(buffer)
+        if not cut:
             self.pending = buffer
             return b""
-        cut = last_end.end()
         complete, self.pending = buffer[:cut], buffer[cut:]
         return self._inspect(complete)
 
@@ -56,9 +60,15 @@ class EventTap:
         if DONE in complete:
             self.saw_done = True
         if self.keep_text:
-            self.text_parts.extend(TEXT_FIELD.findall(complete))
-        if USAGE_MARK not in complete:
-            return complete
+            found = TEXT_FIELD.findall(complete)
+            if found:
+                self.saw_text = True
+                self.text_parts.extend(found)
+                if len(self.text_parts) >= FOLD_EVERY:
+                    self._fold()
+        mentions = complete.count(USAGE_MARK)
+        if not mentions or mentions == sum(complete.count(null) for null in NULL_USAGE):
+            return complete  # no usage here, or only the "usage":null of every chunk
         kept = []
         position = 0
         for end in EVENT_END.finditer(complete):
@@ -95,15 +105,32 @@ class EventTap:
         # Only the extra chat/completions chunk (choices == []) is ours to drop.
         return self.strip_usage_chunk and chunk.get("choices") == []
 
-    def generated_text(self):
-        """The text the upstream generated so far, decoded from the JSON string escapes."""
+    def _fold(self):
+        """Turn the captured pieces into tokens (estimate rule) and let them go."""
         pieces = []
         for raw in self.text_parts:
             try:
                 pieces.append(json.loads(b'"' + raw + b'"'))
             except ValueError:
                 pieces.append(raw.decode("utf-8", "replace"))
-        return "".join(pieces)
+        self.folded_tokens += estimate_tokens("".join(pieces))
+        self.text_parts = []
+
+    def completion_estimate(self):
+        """Estimated tokens of everything the upstream generated so far."""
+        self._fold()
+        return self.folded_tokens
+
+
+def _last_event_end(buffer):
+    """Offset just past the last blank line (event end) in buffer, or 0 when there is none."""
+    if b"\r" not in buffer:  # the common case: plain \n line ends, no regex needed
+        end = buffer.rfind(b"\n\n")
+        return end + 2 if end >= 0 else 0
+    last = None
+    for last in EVENT_END.finditer(buffer):  # noqa: B007 - only the last one matters
+        pass
+    return last.end() if last else 0
 
 
 def event_data(event):

@@ -134,6 +134,6 @@ def settle_stream_usage(call, tap):
     usage = read_usage(tap.usage)
     if usage:
         call.set_usage(usage, "upstream")
-    elif call.path in GENERATION_PATHS or tap.text_parts:
-        estimate = estimated_usage(call.json, tap.generated_text())
+    elif call.path in GENERATION_PATHS or tap.saw_text:
+        estimate = estimated_usage(call.json, completion_tokens=tap.completion_estimate())
         call.set_usage(read_usage(estimate), "estimated")

@@ -117,10 +117,14 @@ def read_usage(usage):
     return prompt, completion, total
 
 
-def estimated_usage(request_body, generated_text):
-    """An OpenAI-shaped usage object from the estimate rule."""
+def estimated_usage(request_body, generated_text=None, completion_tokens=None):
+    """An OpenAI-shaped usage object from the estimate rule (text, or tokens counted already)."""
     prompt = estimate_tokens(prompt_text(request_body))
-    completion = estimate_tokens(generated_text)
+    completion = (
+        completion_tokens
+        if completion_tokens is not None
+        else estimate_tokens(generated_text or "")
+    )
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -1,0 +1,1 @@
+"""Benchmark tooling for the relay: fake upstream, load generator and the runner."""

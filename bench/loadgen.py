@@ -1,0 +1,418 @@
+"""A cheap gevent HTTP/1.1 load generator: SSE streams, non-stream calls and disconnect trials."""
+
+import argparse
+import json
+import resource
+import socket
+import sys
+import time
+from urllib.parse import urlsplit
+
+import gevent
+from gevent import socket as gsocket
+
+RECV_SIZE = 65536
+DONE_EVENT = b"data: [DONE]"
+
+
+class HttpError(Exception):
+    """The server broke HTTP framing or closed the connection early."""
+
+
+class StopReading(Exception):
+    """Raised by a body callback that has seen enough (disconnect trials)."""
+
+
+class Target:
+    """Where requests go and the bytes of each request."""
+
+    def __init__(self, url, key):
+        """Split the URL into host, port and path."""
+        parts = urlsplit(url)
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.path = parts.path or "/"
+        self.key = key
+
+    def request(self, stream, tag=None):
+        """The bytes of one chat completion request."""
+        body = {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "hello"}],
+            "stream": stream,
+        }
+        extra = ""
+        if tag is not None:
+            body["user"] = tag  # reaches the upstream through proxies that drop extra headers
+            extra = f"X-Bench-Id: {tag}\r\n"
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
+            f"User-Agent: relay-bench\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+        )
+        return head.encode() + data
+
+
+class Connection:
+    """One HTTP/1.1 client connection with its receive buffer and last receive time."""
+
+    def __init__(self, target, timeout):
+        """Connect (TCP_NODELAY) with a per-operation timeout."""
+        self.sock = gsocket.create_connection((target.host, target.port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+        self.received_at = None
+
+    def close(self):
+        """Close the socket."""
+        self.sock.close()
+
+    def recv(self):
+        """Receive some bytes, noting when; EOF is an error."""
+        data = self.sock.recv(RECV_SIZE)
+        self.received_at = time.monotonic()
+        if not data:
+            raise HttpError("connection closed by the server")
+        return data
+
+    def read_head(self):
+        """Read the status line and headers: (status, {lower-case name: value})."""
+        buffer = self.buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            buffer += self.recv()
+        lines = buffer[:end].decode("latin-1").split("\r\n")
+        self.buffer = buffer[end + 4 :]
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise HttpError(f"bad status line {lines[0][:60]!r}") from None
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def read_body(self, headers, on_data):
+        """Read the body, calling on_data(received_at, bytes) as it comes; True if reusable."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._read_chunked(on_data)
+        elif "content-length" in headers:
+            self._read_length(int(headers["content-length"]), on_data)
+        else:
+            self._read_to_eof(on_data)
+            return False
+        return headers.get("connection", "").lower() != "close"
+
+    def _read_length(self, length, on_data):
+        """A Content-Length body."""
+        buffer = self.buffer
+        while length:
+            if not buffer:
+                buffer = self.recv()
+            piece, buffer = buffer[:length], buffer[length:]
+            length -= len(piece)
+            on_data(self.received_at, piece)
+        self.buffer = buffer
+
+    def _read_to_eof(self, on_data):
+        """A body that ends when the server closes."""
+        if self.buffer:
+            on_data(self.received_at, self.buffer)
+        self.buffer = b""
+        while data := self.sock.recv(RECV_SIZE):
+            self.received_at = time.monotonic()
+            on_data(self.received_at, data)
+
+    def _read_chunked(self, on_data):
+        """A chunked body, handed on piece by piece as each receive brings it."""
+        buffer = self.buffer
+        while True:
+            while (end := buffer.find(b"\r\n")) < 0:
+                buffer += self.recv()
+            try:
+                size = int(buffer[:end].split(b";", 1)[0], 16)
+            except ValueError:
+                raise HttpError("bad chunk size line") from None
+            buffer = buffer[end + 2 :]
+            if size == 0:
+                while True:  # trailers, then the empty line
+                    while (end := buffer.find(b"\r\n")) < 0:
+                        buffer += self.recv()
+                    line, buffer = buffer[:end], buffer[end + 2 :]
+                    if not line:
+                        self.buffer = buffer
+                        return
+            while size:
+                if not buffer:
+                    buffer = self.recv()
+                piece, buffer = buffer[:size], buffer[size:]
+                size -= len(piece)
+                on_data(self.received_at, piece)
+            while len(buffer) < 2:
+                buffer += self.recv()
+            if buffer[:2] != b"\r\n":
+                raise HttpError("chunk not followed by CRLF")
+            buffer = buffer[2:]
+
+
+class EventClock:
+    """Counts SSE events as they complete and the largest gap between consecutive ones."""
+
+    __slots__ = ("events", "first", "gap_at", "last", "last_event", "max_gap", "pending", "times")
+
+    def __init__(self, keep_times=False):
+        """Start empty; keep every event's time when asked."""
+        self.times = [] if keep_times else None
+        self.first = None
+        self.last = None
+        self.events = 0
+        self.max_gap = 0.0
+        self.gap_at = None
+        self.pending = b""
+        self.last_event = b""
+
+    def feed(self, now, data):
+        """Take body bytes received at `now`."""
+        if self.first is None:
+            self.first = now
+        pending = self.pending + data if self.pending else data
+        if b"\n\n" not in pending:
+            self.pending = pending
+            return
+        parts = pending.split(b"\n\n")
+        self.pending = parts.pop()
+        if self.last is not None and now - self.last > self.max_gap:
+            self.max_gap = now - self.last
+            self.gap_at = self.events  # index of the first event after the gap
+        self.events += len(parts)
+        self.last_event = parts[-1]
+        self.last = now
+        if self.times is not None:
+            self.times.extend([now] * len(parts))
+
+    @property
+    def done(self):
+        """Whether the last complete event was `data: [DONE]`."""
+        return self.last_event.strip() == DONE_EVENT
+
+
+def one_stream(target, request, timeout, record, keep_times=False):
+    """Run one streamed call, filling `record` (times are time.monotonic())."""
+    started = time.monotonic()
+    record["t0"] = started
+    conn = None
+    clock = EventClock(keep_times)
+    try:
+        conn = Connection(target, timeout)
+        conn.sock.sendall(request)
+        status, headers = conn.read_head()
+        record["status"] = status
+        conn.read_body(headers, clock.feed)
+    except gevent.GreenletExit:
+        record["error"] = "deadline"
+    except (OSError, HttpError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        if conn is not None:
+            conn.close()
+        record["t_end"] = time.monotonic()
+        record["t_first"] = clock.first
+        record["ttfb"] = clock.first - started if clock.first is not None else None
+        record["events"] = clock.events
+        record["max_gap"] = clock.max_gap
+        record["gap_at"] = clock.gap_at
+        if keep_times:
+            record["times"] = [round(t - started, 6) for t in clock.times]
+        record["done"] = clock.done
+
+
+def run_streams(args, target):
+    """Start this process's share of the streams on the common schedule; wait for all."""
+    records = []
+    greenlets = []
+    for number in range(args.index, args.n, args.step):
+        record = {"i": number, "status": None, "error": None, "t_first": None, "done": False}
+        record.update({"t0": None, "t_end": None, "ttfb": None, "events": 0, "max_gap": 0.0})
+        records.append(record)
+        tag = f"{args.tag_prefix}-{number}" if args.tag_prefix else None
+        request = target.request(True, tag)
+        start_at = args.t0 + args.ramp * number / max(args.n, 1)
+        delay = max(0.0, start_at - time.monotonic())
+        greenlets.append(
+            gevent.spawn_later(delay, one_stream, target, request, args.timeout, record, args.times)
+        )
+    remaining = max(0.0, args.t0 + args.deadline - time.monotonic())
+    gevent.joinall(greenlets, timeout=remaining)
+    gevent.killall([g for g in greenlets if not g.dead], block=True, timeout=5)
+    for record in records:
+        if record["t0"] is None:
+            record["error"] = "deadline (not started)"
+    return {"records": records}
+
+
+def percentile(values, fraction):
+    """The nearest-rank percentile of a list (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def run_nonstream(args, target):
+    """`concurrency` keep-alive clients calling back to back for `duration` seconds."""
+    request = target.request(False)
+    latencies = []
+    statuses = {}
+    errors = []
+    state = {"measuring": False, "calls": 0}
+
+    def call(conn):
+        """One call on a connection; returns whether the connection can be reused."""
+        started = time.monotonic()
+        conn.sock.sendall(request)
+        status, headers = conn.read_head()
+        body = []
+        reusable = conn.read_body(headers, lambda _now, data: body.append(data))
+        if state["measuring"]:
+            latencies.append(time.monotonic() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+        return reusable
+
+    def client(end_at, limit):
+        """Call until end_at or until the shared count reaches limit."""
+        conn = None
+        while time.monotonic() < end_at and state["calls"] < limit:
+            state["calls"] += 1
+            try:
+                if conn is None:
+                    conn = Connection(target, args.timeout)
+                if not call(conn):
+                    conn.close()
+                    conn = None
+            except (OSError, HttpError) as exc:
+                if state["measuring"]:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    if args.warmup:
+        clients = [
+            gevent.spawn(client, time.monotonic() + 30, args.warmup)
+            for _ in range(args.concurrency)
+        ]
+        gevent.joinall(clients)
+    state["measuring"] = True
+    state["calls"] = 0
+    started = time.monotonic()
+    limit = args.n or 1 << 62
+    clients = [
+        gevent.spawn(client, started + args.duration, limit) for _ in range(args.concurrency)
+    ]
+    gevent.joinall(clients)
+    elapsed = time.monotonic() - started
+    ok = statuses.get(200, 0)
+    return {
+        "count": len(latencies),
+        "ok": ok,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "elapsed": elapsed,
+        "rps": ok / elapsed if elapsed else None,
+        "p50_ms": _ms(percentile(latencies, 0.5)),
+        "p90_ms": _ms(percentile(latencies, 0.9)),
+        "p99_ms": _ms(percentile(latencies, 0.99)),
+        "mean_ms": _ms(sum(latencies) / len(latencies)) if latencies else None,
+    }
+
+
+def _ms(seconds):
+    """Seconds to milliseconds (None stays None)."""
+    return None if seconds is None else seconds * 1000
+
+
+def run_disconnect(args, target):
+    """Trials one after another: read the first SSE event, then close the socket."""
+    trials = []
+    for number in range(args.trials):
+        tag = f"{args.tag_prefix or 'bench-dc'}-{number}"
+        trial = {"tag": tag, "t_close": None, "status": None, "error": None}
+        trials.append(trial)
+        conn = None
+        clock = EventClock()
+
+        def first_event(now, data, clock=clock):
+            """Stop reading once one whole event has arrived."""
+            clock.feed(now, data)
+            if clock.events:
+                raise StopReading
+
+        try:
+            conn = Connection(target, args.timeout)
+            started = time.monotonic()
+            conn.sock.sendall(target.request(True, tag))
+            trial["status"], headers = conn.read_head()
+            conn.read_body(headers, first_event)
+            trial["error"] = "stream ended before the client hung up"
+        except StopReading:
+            trial["ttfb"] = clock.first - started
+        except (OSError, HttpError) as exc:
+            trial["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            if conn is not None:
+                trial["t_close"] = time.monotonic()
+                conn.close()
+        gevent.sleep(args.pause)
+    return {"trials": trials}
+
+
+def _raise_open_files():
+    """Lift the soft open-files limit to the hard one."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv=None):
+    """Parse options, run one mode, write the JSON result."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["stream", "nonstream", "disconnect"])
+    parser.add_argument("--url", required=True, help="http://host:port/v1/chat/completions")
+    parser.add_argument("--key", default="x")
+    parser.add_argument("--out", required=True, help="write the JSON result here")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per socket operation")
+    parser.add_argument("--n", type=int, default=0, help="streams, or a cap on non-stream calls")
+    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which streams start")
+    parser.add_argument("--t0", type=float, help="time.monotonic() of the first start")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds after t0")
+    parser.add_argument("--index", type=int, default=0, help="this process's share: i %% step")
+    parser.add_argument("--step", type=int, default=1, help="processes sharing the streams")
+    parser.add_argument("--times", action="store_true", help="keep every event's arrival time")
+    parser.add_argument("--tag-prefix", help="tag requests (X-Bench-Id and `user`)")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed calls first")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between trials")
+    args = parser.parse_args(argv)
+    _raise_open_files()
+    target = Target(args.url, args.key)
+    if args.t0 is None:
+        args.t0 = time.monotonic() + 0.1
+    wall = time.monotonic()
+    run = {"stream": run_streams, "nonstream": run_nonstream, "disconnect": run_disconnect}
+    result = run[args.mode](args, target)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    result["wall_seconds"] = time.monotonic() - wall
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The SSE tap: events never split by us, usage taken and stripped, text estimated in folds."""
+
+import json
+
+from relay.sse import FOLD_EVERY, EventTap
+from relay.usage import estimate_tokens
+
+
+def event(payload, end=b"\n\n"):
+    """One SSE data event."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + end
+
+
+def chunk(text, usage=None):
+    """A chat.completion.chunk carrying text (and "usage": null like OpenAI with usage on)."""
+    return {
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": text}}],
+        "usage": usage,
+    }
+
+
+USAGE = {
+    "object": "chat.completion.chunk",
+    "model": "gpt-4o-2024",
+    "choices": [],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+}
+
+
+def test_whole_events_only_even_when_split_across_reads():
+    tap = EventTap()
+    data = event(chunk("Hello")) + event(chunk(" world"))
+    out = b"".join(tap.feed(data[i : i + 7]) for i in range(0, len(data), 7))
+    assert out == data
+    assert tap.feed(b"data: partial") == b"" and tap.flush() == b"data: partial"
+
+
+def test_usage_chunk_taken_and_stripped_only_when_ours():
+    stream = event(chunk("a")) + event(USAGE) + b"data: [DONE]\n\n"
+    ours = EventTap(strip_usage_chunk=True)
+    assert ours.feed(stream) == event(chunk("a")) + b"data: [DONE]\n\n"
+    assert ours.usage["total_tokens"] == 7 and ours.model == "gpt-4o-2024" and ours.saw_done
+    theirs = EventTap(strip_usage_chunk=False)
+    assert theirs.feed(stream) == stream and theirs.usage["total_tokens"] == 7
+
+
+def test_crlf_events_and_usage_inside_a_content_chunk_is_kept():
+    stream = event(chunk("a", usage=USAGE["usage"]), end=b"\r\n\r\n") + b"data: [DONE]\r\n\r\n"
+    tap = EventTap(strip_usage_chunk=True)
+    assert tap.feed(stream) == stream  # choices not empty: not ours to drop
+    assert tap.usage["prompt_tokens"] == 3
+
+
+def test_long_stream_text_is_folded_into_an_estimate():
+    tap = EventTap()
+    words = [f" word{n} 你" for n in range(FOLD_EVERY * 3 + 17)]
+    for piece in words:
+        tap.feed(event(chunk(piece)))
+    assert len(tap.text_parts) < FOLD_EVERY  # memory stays small
+    whole = estimate_tokens("".join(words))
+    assert abs(tap.completion_estimate() - whole) <= 4  # each fold rounds on its own
