@@ -31,8 +31,7 @@ def check_messages(messages):
         content = message.get("content")
         if content is None and message.get("tool_calls"):
             continue  # an assistant turn that only calls tools
-        empty = content_length(content) == 0 and not (isinstance(content, list) and content)
-        if empty or (isinstance(content, str) and not content.strip()):
+        if content_length(content) == 0 and not (isinstance(content, list) and content):
             raise InvalidRequest(f"messages[{number}].content must not be empty.", param="messages")
 
 

@@ -1,6 +1,7 @@
 """Talking HTTP to upstreams: the pooled session, URLs, and which headers cross the relay."""
 
 import re
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import quote, unquote
 
 import requests
@@ -66,6 +67,9 @@ def make_session(pool_size):
     """A requests Session whose pool can hold a connection per concurrent stream."""
     session = requests.Session()
     session.trust_env = False  # never pick up proxies or .netrc credentials from the host
+    # One session serves every client: an upstream cookie set for one call must not ride
+    # along on another client's call, so the session keeps none.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

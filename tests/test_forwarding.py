@@ -127,3 +127,10 @@ def test_upstream_key_echoed_by_upstream_is_redacted(client, key, fake):
     fake.queue(json_reply({"weird": f"your key is {UPSTREAM_KEY}"}))
     reply = client.get("/v1/echo", headers=auth(key))
     assert UPSTREAM_KEY not in reply.get_data(as_text=True)
+
+
+def test_upstream_cookies_are_not_kept_between_calls(client, key, fake):
+    fake.queue(json_reply({"ok": 1}, headers={"Set-Cookie": "__cf_bm=abc; Path=/"}))
+    client.get("/v1/first", headers=auth(key))
+    client.get("/v1/models", headers=auth(key))
+    assert "cookie" not in fake.requests[-1].headers
