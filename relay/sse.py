@@ -3,6 +3,7 @@
 import json
 import re
 
+from relay.errors import error_body
 from relay.usage import estimate_tokens
 
 EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -141,5 +142,5 @@ def event_data(event):
 
 def error_event(message, code, type_="upstream_error"):
     """A final SSE event carrying an OpenAI-shaped error, for streams the upstream broke."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    body = error_body(None, message, type_, code)
     return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -2,33 +2,15 @@
 
 import datetime as dt
 
+from relay.usage import USAGE_COLUMNS
+
 GROUPS = {
     "day": "date(u.ts, 'unixepoch') AS day",
     "key": "COALESCE(k.name, '#' || u.key_id) AS key",
     "model": "COALESCE(u.model_served, u.model_requested, '-') AS model",
 }
-RAW_COLUMNS = [
-    "time",
-    "key",
-    "face",
-    "method",
-    "path",
-    "model_requested",
-    "model_served",
-    "stream",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "usage_source",
-    "cost",
-    "status",
-    "outcome",
-    "latency_ms",
-    "ttfb_ms",
-    "end_user",
-    "upstream_request_id",
-    "bytes_out",
-]
+# Per-call export: every usage column, with time and key name instead of ts and key_id.
+RAW_COLUMNS = ["time", "key", *(c for c in USAGE_COLUMNS if c not in ("ts", "key_id"))]
 
 
 def day_start(text, name):

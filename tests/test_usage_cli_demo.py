@@ -30,6 +30,11 @@ def test_usage_summary_by_key_model_day(client, runner, make_key, fake):
     by_model = runner.invoke(args=["usage", "--by", "model"]).output
     assert re.search(r"gpt-4o\s+3\s", by_model)
     assert "must be a date" in runner.invoke(args=["usage", "--since", "yesterday"]).output
+    per_call = runner.invoke(args=["usage", "--rows", "--csv"]).output.splitlines()
+    assert per_call[0].startswith("time,key,face,method,path,model_requested")
+    assert len(per_call) == 5 and "alice" in per_call[1]
+    assert "hi" not in "".join(per_call[1:]).split(",")  # never prompt text
+    assert alice not in result.output and alice not in "".join(per_call)
 
 
 def test_make_run_demo_mode_answers_at_once(tmp_path):
