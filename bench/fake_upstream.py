@@ -4,7 +4,6 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import signal
 import socket
 import sys
@@ -12,6 +11,8 @@ import time
 
 from gevent import sleep
 from gevent.socket import wait_read
+
+from bench.processes import raise_open_files
 
 MODEL = "gpt-4o"
 CREATED = 1700000000
@@ -274,12 +275,6 @@ def _listener(host, port, backlog):
     return sock
 
 
-def _raise_open_files():
-    """Lift the soft open-files limit to the hard one."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _die_with_parent():
     """Ask Linux to SIGTERM this process when its parent dies."""
     try:
@@ -318,7 +313,7 @@ def main(argv=None):
     parser.add_argument("--backlog", type=int, default=4096)
     parser.add_argument("--events", help="append hang-up records and counters here (JSON lines)")
     args = parser.parse_args(argv)
-    _raise_open_files()
+    raise_open_files()
     # Bind every listener before forking: once /healthz answers, all processes take connections.
     listeners = [_listener(args.host, args.port, args.backlog) for _ in range(args.procs)]
     children = []

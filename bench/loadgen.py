@@ -1,4 +1,4 @@
-"""A cheap gevent HTTP/1.1 load generator: SSE streams, non-stream calls and disconnect trials."""
+"""A cheap gevent HTTP/1.1 load generator: SSE streams, non-stream calls, disconnects, soaks."""
 
 import argparse
 import json
@@ -10,6 +10,10 @@ from urllib.parse import urlsplit
 
 import gevent
 from gevent import socket as gsocket
+from gevent.pool import Group
+
+from bench.processes import raise_open_files
+from bench.summary import ms, percentile
 
 RECV_SIZE = 65536
 DONE_EVENT = b"data: [DONE]"
@@ -106,14 +110,17 @@ class Connection:
 
     def _read_length(self, length, on_data):
         """A Content-Length body."""
-        buffer = self.buffer
-        while length:
+        self.buffer = self._pass_on(self.buffer, length, on_data)
+
+    def _pass_on(self, buffer, size, on_data):
+        """Hand the next `size` body bytes to on_data as they arrive; return what follows."""
+        while size:
             if not buffer:
                 buffer = self.recv()
-            piece, buffer = buffer[:length], buffer[length:]
-            length -= len(piece)
+            piece, buffer = buffer[:size], buffer[size:]
+            size -= len(piece)
             on_data(self.received_at, piece)
-        self.buffer = buffer
+        return buffer
 
     def _read_to_eof(self, on_data):
         """A body that ends when the server closes."""
@@ -143,12 +150,7 @@ class Connection:
                     if not line:
                         self.buffer = buffer
                         return
-            while size:
-                if not buffer:
-                    buffer = self.recv()
-                piece, buffer = buffer[:size], buffer[size:]
-                size -= len(piece)
-                on_data(self.received_at, piece)
+            buffer = self._pass_on(buffer, size, on_data)
             while len(buffer) < 2:
                 buffer += self.recv()
             if buffer[:2] != b"\r\n":
@@ -251,15 +253,6 @@ def run_streams(args, target):
     return {"records": records}
 
 
-def percentile(values, fraction):
-    """The nearest-rank percentile of a list (None when empty)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
-    return ordered[index]
-
-
 def run_nonstream(args, target):
     """`concurrency` keep-alive clients calling back to back for `duration` seconds."""
     request = target.request(False)
@@ -324,16 +317,135 @@ def run_nonstream(args, target):
         "error_samples": errors[:5],
         "elapsed": elapsed,
         "rps": ok / elapsed if elapsed else None,
-        "p50_ms": _ms(percentile(latencies, 0.5)),
-        "p90_ms": _ms(percentile(latencies, 0.9)),
-        "p99_ms": _ms(percentile(latencies, 0.99)),
-        "mean_ms": _ms(sum(latencies) / len(latencies)) if latencies else None,
+        "p50_ms": ms(percentile(latencies, 0.5), None),
+        "p90_ms": ms(percentile(latencies, 0.9), None),
+        "p99_ms": ms(percentile(latencies, 0.99), None),
+        "mean_ms": ms(sum(latencies) / len(latencies), None) if latencies else None,
     }
 
 
-def _ms(seconds):
-    """Seconds to milliseconds (None stays None)."""
-    return None if seconds is None else seconds * 1000
+class Soak:
+    """Calls at a fixed rate, open loop: call i starts at t0 + i / rate, whatever is still open."""
+
+    def __init__(self, args, target):
+        """Prebuild each key's two requests (non-stream, stream) and zero the tallies."""
+        self.args = args
+        self.target = target
+        keys = args.keys.split(",") if args.keys else [target.key]
+        clients = [Target(args.url, key) for key in keys]
+        self.requests = [(client.request(False), client.request(True)) for client in clients]
+        self.total = round(args.rate * args.duration)
+        self.counts = dict.fromkeys(("started", "sent", "completed", "ok", "cut", "failed"), 0)
+        self.failures = {}
+        self.samples = []
+        self.statuses = {}
+        self.latency = {"json": [], "stream": []}
+        self.ttfb = []
+        self.lags = []
+        self.open = {"json": 0, "stream": 0}
+        self.peak = {"calls": 0, "streams": 0}
+
+    def run(self):
+        """Start every call on schedule, wait for them until the deadline, cut what is left."""
+        group = Group()
+        for number in range(self.total):
+            due = self.args.t0 + number / self.args.rate
+            # Behind schedule the sleep is 0: it still lets the running calls go on.
+            gevent.sleep(max(0.0, due - time.monotonic()))
+            group.spawn(self.call, number, due)
+        group.join(timeout=max(0.0, self.args.t0 + self.args.deadline - time.monotonic()))
+        group.kill(block=True, timeout=5)
+        missing = self.total - self.counts["started"]
+        if missing:
+            self.counts["failed"] += missing
+            self.failures["deadline (not started)"] = missing
+        return self.summary()
+
+    def call(self, number, due):
+        """One call, start to end of its body, then tallied."""
+        stream = number % self.args.stream_every == 0
+        kind = "stream" if stream else "json"
+        started = time.monotonic()
+        self.counts["started"] += 1
+        self.lags.append(started - due)
+        self.open[kind] += 1
+        self.peak["calls"] = max(self.peak["calls"], self.open["json"] + self.open["stream"])
+        self.peak["streams"] = max(self.peak["streams"], self.open["stream"])
+        conn, sent, status, error = None, False, None, None
+        clock = EventClock()
+        try:
+            # A connection per call: arrivals stand for independent clients.
+            conn = Connection(self.target, self.args.timeout)
+            conn.sock.sendall(self.requests[number % len(self.requests)][stream])
+            sent = True
+            status, headers = conn.read_head()
+            conn.read_body(headers, clock.feed)
+        except gevent.GreenletExit:
+            error = "cut"
+        except (OSError, HttpError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            ended = time.monotonic()
+            if conn is not None:
+                conn.close()
+            self.open[kind] -= 1
+        self.tally(number, kind, sent, status, error, clock, started, ended)
+
+    def tally(self, number, kind, sent, status, error, clock, started, ended):
+        """Count one finished call: ok, cut by the deadline after it was sent, or failed."""
+        if status is not None:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.counts["sent"] += sent
+        if error is None:
+            self.counts["completed"] += 1
+            if status != 200:
+                error = f"status {status}"
+            elif kind == "stream" and not clock.done:
+                error = "no [DONE]"
+        if error is None:
+            self.counts["ok"] += 1
+            self.latency[kind].append(ended - started)
+            if kind == "stream":
+                self.ttfb.append(clock.first - started)
+        elif error == "cut" and sent:
+            self.counts["cut"] += 1
+            self.failures["cut at the deadline"] = self.failures.get("cut at the deadline", 0) + 1
+        else:
+            self.counts["failed"] += 1
+            what = "deadline (not sent)" if error == "cut" else error.split(":")[0]
+            self.failures[what] = self.failures.get(what, 0) + 1
+            self.samples.append(f"call {number} ({kind}): {error}")
+
+    def summary(self):
+        """Counts, failures, latencies by kind, lateness of the starts and peak calls open."""
+        figures = {}
+        for kind, values in self.latency.items():
+            figures[kind] = {
+                "ok": len(values),
+                "p50_ms": ms(percentile(values, 0.5)),
+                "p99_ms": ms(percentile(values, 0.99)),
+                "max_ms": ms(max(values)) if values else None,
+            }
+        figures["stream"]["ttfb_p50_ms"] = ms(percentile(self.ttfb, 0.5))
+        figures["stream"]["ttfb_p99_ms"] = ms(percentile(self.ttfb, 0.99))
+        return {
+            "scheduled": self.total,
+            **self.counts,
+            "failures": self.failures,
+            "error_samples": self.samples[:5],
+            "statuses": {str(k): v for k, v in self.statuses.items()},
+            "latency": figures,
+            "lag_p50_ms": ms(percentile(self.lags, 0.5)),
+            "lag_p99_ms": ms(percentile(self.lags, 0.99)),
+            "lag_max_ms": ms(max(self.lags)) if self.lags else None,
+            "peak_in_flight": self.peak["calls"],
+            "peak_streams_open": self.peak["streams"],
+        }
+
+
+def run_soak(args, target):
+    """Mixed calls at `rate` per second for `duration` seconds (see Soak)."""
+    return Soak(args, target).run()
 
 
 def run_disconnect(args, target):
@@ -371,16 +483,10 @@ def run_disconnect(args, target):
     return {"trials": trials}
 
 
-def _raise_open_files():
-    """Lift the soft open-files limit to the hard one."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv=None):
     """Parse options, run one mode, write the JSON result."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["stream", "nonstream", "disconnect"])
+    parser.add_argument("mode", choices=["stream", "nonstream", "disconnect", "soak"])
     parser.add_argument("--url", required=True, help="http://host:port/v1/chat/completions")
     parser.add_argument("--key", default="x")
     parser.add_argument("--out", required=True, help="write the JSON result here")
@@ -398,13 +504,21 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=0, help="untimed calls first")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between trials")
+    parser.add_argument("--rate", type=float, default=200.0, help="soak: calls started per second")
+    parser.add_argument("--keys", help="soak: comma list of keys to take turns (default --key)")
+    parser.add_argument("--stream-every", type=int, default=3, help="soak: every Nth call streams")
     args = parser.parse_args(argv)
-    _raise_open_files()
+    raise_open_files()
     target = Target(args.url, args.key)
     if args.t0 is None:
         args.t0 = time.monotonic() + 0.1
     wall = time.monotonic()
-    run = {"stream": run_streams, "nonstream": run_nonstream, "disconnect": run_disconnect}
+    run = {
+        "stream": run_streams,
+        "nonstream": run_nonstream,
+        "disconnect": run_disconnect,
+        "soak": run_soak,
+    }
     result = run[args.mode](args, target)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_seconds"] = usage.ru_utime + usage.ru_stime

@@ -1,0 +1,328 @@
+"""The report: machine facts, Markdown tables of every figure, and functional failures."""
+
+import contextlib
+import datetime as dt
+import os
+import subprocess
+
+from bench.processes import PYTHON, ROOT
+from bench.scenarios import SCENARIOS
+from bench.soak import SOAK, soak_problems
+
+
+def machine_info():
+    """CPU model, cores, memory, date, versions."""
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    versions = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import gevent, gunicorn, sys; print(sys.version.split()[0], "
+            "gevent.__version__, gunicorn.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    commit = subprocess.run(
+        ["git", "-C", ROOT, "log", "-1", "--format=%h %cI %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", ROOT, "status", "--porcelain", "--", "relay", "app.py", "Procfile"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "relay_commit": commit[:100] + (" (relay/ has uncommitted changes)" if dirty else ""),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python_gevent_gunicorn": versions,
+    }
+
+
+def fmt(value, digits=1):
+    """A table cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def diff(a, b):
+    """b - a, or None."""
+    return None if a is None or b is None else b - a
+
+
+def table(title, header, rows):
+    """A Markdown table with a title line."""
+    lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def cores_of(result, group):
+    """CPU cores a process group used during a measurement."""
+    return ((result or {}).get("processes", {}).get(group) or {}).get("cores")
+
+
+def pair(a, b, digits=1):
+    """Two figures in one cell."""
+    return f"{fmt(a, digits)} / {fmt(b, digits)}"
+
+
+def other_load(*results):
+    """The most CPU other users' processes took during the given measurements."""
+    values = [
+        ((r or {}).get("processes", {}).get("machine") or {}).get("cores_other_users")
+        for r in results
+    ]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def blocks(results, scenario):
+    """(target name, direct result, target result) for every target that ran scenario."""
+    for name, res in results["targets"].items():
+        block = res.get(scenario)
+        if block:
+            yield name, block["direct"], block["target"]
+
+
+def report(results):
+    """All figures as Markdown tables."""
+    out = []
+    for render in (nonstream_table, streams_table, fidelity_table, disconnect_table, soak_table):
+        text = render(results)
+        if text:
+            out.append(text)
+    out += profiles(results)
+    return "\n".join(out)
+
+
+def nonstream_table(results):
+    """Non-stream throughput and c1 latency, direct and target (None: not measured)."""
+    rows = [
+        [
+            name,
+            pair(d["c32"]["rps"], t["c32"]["rps"], 0),
+            pair(t["c32"]["p50_ms"], t["c32"]["p99_ms"]),
+            f"{t['c32']['errors']}/{t['c32']['count']}",
+            pair(d["c1"]["p50_ms"], t["c1"]["p50_ms"], 2),
+            fmt(diff(d["c1"]["p50_ms"], t["c1"]["p50_ms"]), 2),
+            cores_of(t, "target"),
+            other_load(d, t),
+        ]
+        for name, d, t in blocks(results, "nonstream")
+    ]
+    if not rows:
+        return None
+    header = ["target", "c32 req/s direct / target", "c32 p50 / p99 ms", "c32 errors"]
+    header += ["c1 p50 ms direct / target", "c1 overhead ms", "target cores"]
+    header += ["other users' cores"]
+    return table("Non-stream chat (keep-alive clients)", header, rows)
+
+
+def streams_table(results):
+    """Many concurrent streams: completion, TTFB, gaps, memory and CPU."""
+    rows = []
+    for name, d, t in blocks(results, "streams"):
+        tp = t.get("processes", {}).get("target", {})
+        rows.append(
+            [
+                name,
+                f"{t['ok']}/{t['count']}",
+                t["peak_concurrent"],
+                pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
+                pair(t["ttfb_p50_ms"], t["ttfb_p99_ms"]),
+                pair(
+                    diff(d["ttfb_p50_ms"], t["ttfb_p50_ms"]),
+                    diff(d["ttfb_p99_ms"], t["ttfb_p99_ms"]),
+                ),
+                pair(d["max_gap_max_ms"], t["max_gap_max_ms"], 0),
+                pair(tp.get("rss_start_mib"), tp.get("rss_peak_mib")),
+                tp.get("cores"),
+                t.get("cpu_us_per_event"),
+                " / ".join(
+                    str(n)
+                    for n in t.get("processes", {}).get("open_files_peak_per_process", {}).values()
+                )
+                or "-",
+                cores_of(t, "upstream"),
+                " ".join(fmt(p["cores"], 2) for p in t["loadgen"]),
+                other_load(d, t),
+                ", ".join(f"{k} {v}" for k, v in t["failures"].items()) or "-",
+            ]
+        )
+    if not rows:
+        return None
+    config = results["config"]
+    title = (
+        f"Streams ({config['streams']} x {config['stream_seconds']:g} s, "
+        f"{config['chunks']} chunks, started over {config['ramp']:g} s)"
+    )
+    header = ["target", "ok", "peak open", "TTFB p50 / p99 ms direct", "TTFB p50 / p99 ms"]
+    header += ["delta p50 / p99 ms", "max gap ms direct / target", "RSS idle / peak MiB"]
+    header += ["target cores", "target CPU us/event", "open files per process (peak)"]
+    header += ["upstream cores", "loadgen cores"]
+    header += ["other users' cores", "failures"]
+    return table(title, header, rows)
+
+
+def fidelity_table(results):
+    """The largest gap between events per stream, direct and target."""
+    rows = [
+        [
+            name,
+            f"{t['ok']}/{t['count']}",
+            pair(d["max_gap_max_ms"], d["max_gap_p99_ms"]),
+            pair(t["max_gap_max_ms"], t["max_gap_p99_ms"]),
+            pair(
+                diff(d["max_gap_max_ms"], t["max_gap_max_ms"]),
+                diff(d["max_gap_p99_ms"], t["max_gap_p99_ms"]),
+            ),
+            pair(d.get("body_gap_max_ms"), t.get("body_gap_max_ms")),
+            pair(d.get("end_gap_p50_ms"), t.get("end_gap_p50_ms")),
+            pair(d.get("end_gap_max_ms"), t.get("end_gap_max_ms")),
+            other_load(d, t),
+        ]
+        for name, d, t in blocks(results, "fidelity")
+    ]
+    if not rows:
+        return None
+    gap = results["config"]["stream_seconds"] / results["config"]["chunks"] * 1000
+    title = (
+        f"Stream fidelity (20 streams, chunks {gap:g} ms apart; per stream its largest gap "
+        "between events; 'end gap' = last content chunk to the finishing chunk)"
+    )
+    header = ["target", "ok", "direct max / p99 ms", "target max / p99 ms"]
+    header += ["delta max / p99 ms", "content-only max ms direct / target"]
+    header += ["end gap p50 ms direct / target", "end gap max ms direct / target"]
+    header += ["other users' cores"]
+    return table(title, header, rows)
+
+
+def disconnect_table(results):
+    """How soon the upstream saw a client's hang-up, direct and target."""
+    rows = [
+        [
+            name,
+            f"{t['noticed']}/{t['trials']}",
+            pair(d["p50_ms"], d["max_ms"], 2),
+            pair(t["p50_ms"], t["max_ms"], 2),
+            ", ".join(f"{k} {v}" for k, v in t["how"].items()) or "-",
+            other_load(d, t),
+        ]
+        for name, d, t in blocks(results, "disconnect")
+    ]
+    if not rows:
+        return None
+    title = "Disconnect (client closes after the first event; until the upstream sees it)"
+    header = ["target", "noticed", "direct p50 / max ms", "target p50 / max ms"]
+    header += ["how the upstream saw it", "other users' cores"]
+    return table(title, header, rows)
+
+
+def soak_table(results):
+    """The soak: calls against usage rows and key totals, failures, and the relay's RSS."""
+    rows = []
+    for name, res in results["targets"].items():
+        t = (res.get(SOAK) or {}).get("target")
+        if not t:
+            continue
+        rss, lat = t["rss"], t["latency"]
+        rows.append(
+            [
+                name,
+                f"{t['sent']}/{t['scheduled']}",
+                f"{t['ok']} / {t['cut']} / {t['failed']}",
+                pair(t.get("usage_rows"), t["sent"]),
+                pair(t.get("tokens_rows"), t.get("tokens_keys")),
+                pair(rss["first_mib"], rss["last_mib"]),
+                rss["growth_mib"],
+                pair(lat["json"]["p50_ms"], lat["json"]["p99_ms"]),
+                pair(lat["stream"]["p50_ms"], lat["stream"]["p99_ms"]),
+                pair(t["peak_in_flight"], t["peak_streams_open"]),
+                pair(t["lag_p99_ms"], t["lag_max_ms"]),
+                cores_of(t, "target"),
+                other_load(t),
+                "FAILED" if t["problems"] else "ok",
+            ]
+        )
+    if not rows:
+        return None
+    shape = results["config"][SOAK]
+    title = (
+        f"Soak ({shape['rate']:g} calls/s for {shape['seconds']:g} s, one in "
+        f"{shape['stream_every']} a stream of {shape['chunks']} chunks "
+        f"{shape['chunk_delay_ms']:g} ms apart, {shape['keys']} keys; relay RSS averaged over "
+        f"the first and the last {shape['rss_window_s']:g} s)"
+    )
+    header = ["target", "calls sent", "ok / cut / failed", "usage rows / calls"]
+    header += ["tokens rows / keys", "RSS first / last MiB", "RSS growth MiB"]
+    header += ["non-stream p50 / p99 ms", "stream p50 / p99 ms", "peak open calls / streams"]
+    header += ["start lag p99 / max ms", "target cores", "other users' cores", "checks"]
+    return table(title, header, rows)
+
+
+def profiles(results):
+    """py-spy summaries, when profiles were taken: lines of text."""
+    out = []
+    for name, res in results["targets"].items():
+        for scenario in (*SCENARIOS, SOAK):
+            profile = ((res.get(scenario) or {}).get("target") or {}).get("profile")
+            if not profile:
+                continue
+            out.append(
+                f"\nProfile of {name} workers during {scenario} ({profile['samples']} samples)"
+            )
+            out.append("  own time:")
+            out += [f"    {pct:5.1f}%  {frame}" for pct, frame in profile["own"][:10]]
+            out.append("  inclusive (relay-side frames):")
+            out += [f"    {pct:5.1f}%  {frame}" for pct, frame in profile["inclusive_relay_side"]]
+    return out
+
+
+def functional_failures(results):
+    """Human-readable functional failures (never timing)."""
+    problems = []
+    for name, res in results["targets"].items():
+        if res.get("error"):
+            problems.append(f"{name}: {res['error'].splitlines()[0]}")
+        for scenario in ("streams", "fidelity"):
+            for side in ("direct", "target"):
+                block = (res.get(scenario) or {}).get(side)
+                if block and block["failed"]:
+                    problems.append(f"{name} {scenario} ({side}): {block['failures']}")
+        for side in ("direct", "target"):
+            block = (res.get("nonstream") or {}).get(side)
+            for level in ("c32", "c1"):
+                part = (block or {}).get(level)
+                if part and (part["errors"] or part["ok"] != part["count"] or not part["count"]):
+                    problems.append(
+                        f"{name} nonstream {level} ({side}): {part['errors']} errors, "
+                        f"{part['ok']}/{part['count']} ok"
+                    )
+            block = (res.get("disconnect") or {}).get(side)
+            if block and block["errors"]:
+                problems.append(f"{name} disconnect ({side}): {block['error_samples']}")
+        problems += [f"{name} {problem}" for problem in soak_problems(res)]
+    return problems

@@ -1,0 +1,197 @@
+"""The paired scenarios (each measured on direct, then on a target) and the load they drive."""
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench.processes import PYTHON, BenchError, Monitor, log_tail, process_table, tree_of
+from bench.summary import ms, percentile, summarize_profile, summarize_streams
+from bench.targets import Direct, EventLog
+
+SCENARIOS = ("nonstream", "fidelity", "disconnect", "streams")
+
+
+class Bench:
+    """One benchmark run: options, the shared upstream, and the scenario implementations."""
+
+    def __init__(self, args, procs, workdir, upstream, interval=0.25, prefix="loadgen"):
+        """Keep options, processes, upstream; sample every `interval` s; files named `prefix`."""
+        self.args = args
+        self.procs = procs
+        self.workdir = workdir
+        self.upstream = upstream
+        self.events = EventLog(upstream.events)
+        self.monitor = Monitor(interval)
+        self.prefix = prefix
+        self.runs = 0
+
+    def say(self, text):
+        """Progress on stderr."""
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        print(f"[{stamp}] {text}", file=sys.stderr, flush=True)
+
+    def loadgen(self, target, mode, options, procs=1, timeout=600.0):
+        """Run bench.loadgen (in `procs` processes sharing the work) and return the results."""
+        self.runs += 1
+        outputs, started = [], []
+        try:
+            for index in range(procs):
+                name = f"{self.prefix}-{self.runs}-{index}"
+                out = os.path.join(self.workdir, f"{name}.json")
+                argv = [PYTHON, "-m", "bench.loadgen", mode, "--url", target.url]
+                argv += ["--key", target.key, "--out", out, *options]
+                if procs > 1:
+                    argv += ["--index", str(index), "--step", str(procs)]
+                started.append(self.procs.start(name, argv))
+                outputs.append(out)
+            deadline = time.monotonic() + timeout
+            for proc in started:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"the load generator ran past {timeout:g} s") from None
+        finally:
+            for proc in started:
+                self.procs.stop(proc, grace=2.0)
+        results = []
+        for proc, out in zip(started, outputs, strict=True):
+            if proc.returncode != 0 or not os.path.exists(out):
+                raise BenchError(f"the load generator failed:\n{log_tail(proc)}")
+            with open(out, encoding="utf-8") as handle:
+                results.append(json.load(handle))
+        return results
+
+    def measured(self, target, fn, label=""):
+        """Run fn() while monitoring the target's and the upstream's processes."""
+        roots = {"upstream": self.upstream.proc.pid}
+        relayed = target.root_pid() is not None and not isinstance(target, Direct)
+        if relayed:
+            roots["target"] = target.root_pid()
+        self.monitor.begin(roots)
+        load = os.getloadavg()[0]
+        spies = self.start_profilers(target, label) if relayed and self.args.py_spy else []
+        try:
+            result = fn()
+        finally:
+            usage = self.monitor.end()
+            profile = self.stop_profilers(spies)
+        if profile:
+            result["profile"] = profile
+        result["load1_at_start"] = round(load, 2)
+        result["processes"] = usage
+        hangups = [e for e in self.events.read_new() if "tag" in e]
+        result["upstream_hangups"] = len(hangups)
+        return result
+
+    def start_profilers(self, target, label):
+        """py-spy record on every worker of the target (the children of its root process)."""
+        table = process_table()
+        workers = [p for p in tree_of(table, target.root_pid()) if p != target.root_pid()]
+        spies = []
+        for pid in workers or [target.root_pid()]:
+            out = os.path.join(self.workdir, f"py-spy-{label}-{pid}.txt")
+            argv = [self.args.py_spy, "record", "--pid", str(pid), "--rate", "100"]
+            argv += ["--format", "raw", "--output", out, "--nonblocking"]
+            spies.append((self.procs.start(f"py-spy-{label}-{pid}", argv), out))
+        time.sleep(0.5)  # attaching takes a moment
+        return spies
+
+    def stop_profilers(self, spies):
+        """Stop py-spy (SIGINT writes its output) and summarize the samples."""
+        for proc, _out in spies:
+            self.procs.stop(proc, signal.SIGINT, grace=15.0)
+        stacks = {}
+        for _proc, out in spies:
+            with contextlib.suppress(OSError), open(out, encoding="utf-8") as handle:
+                for line in handle:
+                    stack, _, count = line.rstrip("\n").rpartition(" ")
+                    if count.isdigit():
+                        stacks[stack] = stacks.get(stack, 0) + int(count)
+        return summarize_profile(stacks) if stacks else None
+
+    # -- non-stream
+
+    def nonstream(self, target):
+        """Throughput at concurrency 32 and latency at concurrency 1."""
+        args = self.args
+
+        def run():
+            """Both load levels."""
+            c32 = ["--concurrency", "32", "--duration", str(args.nonstream_seconds)]
+            c32 += ["--warmup", "64"]
+            c1 = ["--concurrency", "1", "--duration", str(args.c1_seconds), "--warmup", "32"]
+            if args.smoke:
+                c32 += ["--n", "200"]
+                c1 += ["--n", "50"]
+            high = self.loadgen(target, "nonstream", c32)[0]
+            one = self.loadgen(target, "nonstream", c1)[0]
+            return {"c32": high, "c1": one}
+
+        return self.measured(target, run, "nonstream")
+
+    # -- streams
+
+    def streams(self, target, count, ramp, seconds, loadgen_procs, times=False):
+        """`count` streams started over `ramp` seconds, all through one schedule."""
+        deadline = ramp + seconds * 2 + 15
+
+        def run():
+            """Start the load generators on a common clock and gather every stream's record."""
+            t0 = time.monotonic() + 1.5  # the generators import gevent meanwhile
+            options = ["--n", str(count), "--ramp", f"{ramp:g}", "--t0", repr(t0)]
+            options += ["--deadline", f"{deadline:g}", "--timeout", "60"]
+            if times or count <= 500:
+                options.append("--times")
+            parts = self.loadgen(
+                target, "stream", options, procs=loadgen_procs, timeout=deadline + 30
+            )
+            records = [r for part in parts for r in part["records"]]
+            return summarize_streams(records, parts)
+
+        result = self.measured(target, run, "streams" if count > 20 else "fidelity")
+        cpu = result["processes"].get("target", result["processes"]["upstream"])["cpu_seconds"]
+        if result["events_total"]:
+            result["cpu_us_per_event"] = round(cpu / result["events_total"] * 1e6, 1)
+        return result
+
+    # -- disconnect
+
+    def disconnect(self, target, trials, tag):
+        """Close after the first event; the upstream's record says when it noticed."""
+
+        def run():
+            """Trials, then match the upstream's hang-up records by tag."""
+            options = ["--trials", str(trials), "--tag-prefix", tag, "--timeout", "30"]
+            result = self.loadgen(target, "disconnect", options)[0]
+            wait = max(1.0, 3 * self.upstream.chunk_delay) + 0.5
+            time.sleep(wait)
+            return {"wait_s": wait, "trials": result["trials"]}
+
+        result = self.measured(target, run)
+        seen = {e["tag"]: e for e in self.events.entries if e.get("tag")}
+        delays, hows, errors = [], {}, []
+        for trial in result.pop("trials"):
+            if trial["error"] or trial["status"] != 200:
+                errors.append(trial["error"] or f"status {trial['status']}")
+                continue
+            event = seen.get(trial["tag"])
+            if event is None:
+                continue
+            delays.append(event["t_gone"] - trial["t_close"])
+            hows[event["how"]] = hows.get(event["how"], 0) + 1
+        result.update(
+            {
+                "trials": trials,
+                "errors": len(errors),
+                "error_samples": errors[:3],
+                "noticed": len(delays),
+                "how": hows,
+                "p50_ms": ms(percentile(delays, 0.5)),
+                "max_ms": ms(max(delays)) if delays else None,
+            }
+        )
+        return result
