@@ -163,6 +163,8 @@ def check_base_url(name, value):
         )
     if parts.query or parts.fragment:
         raise ConfigError(f"{name} must not carry a query string or fragment.")
+    if not str(value).isascii():
+        raise ConfigError(f"{name} must be ASCII (write an international host name in punycode).")
     return str(value).strip().rstrip("/")
 
 

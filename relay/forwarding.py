@@ -12,7 +12,7 @@ from relay import sse
 from relay.errors import UpstreamError, UpstreamTimeout
 from relay.request_body import encode_json
 from relay.streaming import streamed_reply
-from relay.upstream_http import request_headers, response_headers, upstream_url
+from relay.upstream_http import request_headers, response_headers, send, upstream_url
 from relay.usage import GENERATION_PATHS, estimated_usage, read_usage, reply_text
 
 log = logging.getLogger("relay.forward")
@@ -63,14 +63,13 @@ def forward(state, call, client_headers, environ):
         call.upstream_name = target.upstream.name
         data, content_type, injected = body_for(call, target.upstream)
         try:
-            reply = state.session.request(
+            reply = send(
+                state.session,
                 call.method,
                 upstream_url(target.upstream.base_url, call.path, call.query),
-                headers=request_headers(client_headers, target.api_key, content_type, call.stream),
-                data=data or None,
-                stream=True,
-                timeout=timeout,
-                allow_redirects=False,
+                request_headers(client_headers, target.api_key, content_type, call.stream),
+                data,
+                timeout,
             )
         except requests.exceptions.ConnectTimeout:
             failure = UpstreamTimeout("The upstream did not accept a connection in time.")

@@ -134,3 +134,9 @@ def test_upstream_cookies_are_not_kept_between_calls(client, key, fake):
     client.get("/v1/first", headers=auth(key))
     client.get("/v1/models", headers=auth(key))
     assert "cookie" not in fake.requests[-1].headers
+
+
+def test_odd_query_strings_are_quoted_not_refused(client, key, fake):
+    reply = client.get("/v1/models?q=a b&name=%E4%BD%A0&raw=\xe4", headers=auth(key))
+    assert reply.status_code == 200
+    assert fake.requests[-1].query == "q=a%20b&name=%E4%BD%A0&raw=%C3%A4"
