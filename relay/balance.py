@@ -130,12 +130,15 @@ def billing_usage():
     """OpenAI's old usage object: daily costs per model and total_usage (in hundredths)."""
     record = g.key_record
     today = dt.datetime.now(dt.UTC).date()
-    end = _parse_day("end_date", today + dt.timedelta(days=1))
-    start = _parse_day("start_date", end - dt.timedelta(days=30))
+    try:
+        end = _parse_day("end_date", today + dt.timedelta(days=1))
+        start = _parse_day("start_date", end - dt.timedelta(days=30))
+        start_ts = dt.datetime.combine(start, dt.time.min, tzinfo=dt.UTC).timestamp()
+        end_ts = dt.datetime.combine(end, dt.time.min, tzinfo=dt.UTC).timestamp()
+    except (OverflowError, ValueError):  # dates near year 1 or 9999
+        raise InvalidRequest("start_date and end_date are out of range.") from None
     if not start < end or (end - start).days > MAX_USAGE_DAYS:
         raise InvalidRequest(f"start_date must be before end_date, at most {MAX_USAGE_DAYS} days.")
-    start_ts = dt.datetime.combine(start, dt.time.min, tzinfo=dt.UTC).timestamp()
-    end_ts = dt.datetime.combine(end, dt.time.min, tzinfo=dt.UTC).timestamp()
     rows = state().db.query(
         "SELECT CAST(ts / 86400 AS INTEGER) * 86400 AS day, "
         "COALESCE(model_served, model_requested, '-') AS model, "

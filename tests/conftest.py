@@ -11,6 +11,7 @@ import time
 
 import pytest
 import requests
+from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -19,6 +20,10 @@ from fake_upstream import FakeUpstream
 from relay import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CI replays the same generated examples every run (.ci/run sets HYPOTHESIS_PROFILE=ci);
+# developers' runs keep searching new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
 # Every secret the suite uses, and everything the relay said while the suite ran:
 # tests/test_zzz_secrets.py (run last) checks that no secret appears anywhere in it.

@@ -96,6 +96,8 @@ def test_relay_key_and_billing_endpoints(client, make_key, fake):
     assert usage["daily_costs"][0]["line_items"] == [{"name": "gpt-4o", "cost": PER_CALL * 100}]
     bad = client.get("/v1/dashboard/billing/usage?start_date=2026-13-01", headers=auth(key))
     assert bad.status_code == 400
+    early = client.get("/v1/dashboard/billing/usage?end_date=0001-01-08", headers=auth(key))
+    assert early.status_code == 400 and early.get_json()["error"]["code"] == "invalid_request"
     legacy = client.post("/index.php/api/v1/relay/key", json={"api_secret_key": key}).get_json()
     assert legacy["code"] == 0 and legacy["msg"] == "" and legacy["remaining"] == 1000 - PER_CALL
     assert client.get("/v1/relay/key").status_code == 401
