@@ -80,6 +80,18 @@ def test_client_disconnect_closes_upstream_within_100ms(relay_server, fake):
     assert row["completion_tokens"] >= 1
 
 
+def stream_events(server, key, body=CHAT):
+    """POST a streamed chat to a running relay; return (arrival time, event) pairs."""
+    with requests.post(
+        server.base_url + "/v1/chat/completions",
+        json=body,
+        headers=auth(key),
+        stream=True,
+        timeout=10,
+    ) as reply:
+        return read_events(reply)
+
+
 def wait_for_row(server, count=1, timeout=5):
     """Poll the server's database until it has `count` usage rows; return the last."""
     import sqlite3
@@ -120,14 +132,7 @@ def test_dropped_stream_ends_with_error_event_and_row(relay_server, fake):
     server = relay_server()
     key = server.create_key("k")
     fake.queue(sse_reply([chunk(n) for n in range(5)], interval=0.01, drop_after=2))
-    with requests.post(
-        server.base_url + "/v1/chat/completions",
-        json=CHAT,
-        headers=auth(key),
-        stream=True,
-        timeout=10,
-    ) as reply:
-        events = [e for _, e in read_events(reply)]
+    events = [e for _, e in stream_events(server, key)]
     last = json.loads(events[-1][6:])
     assert last["error"]["code"] == "upstream_dropped"
     row = wait_for_row(server)
@@ -139,14 +144,7 @@ def test_silent_stream_ends_with_timeout_event(relay_server, fake):
     key = server.create_key("k")
     fake.queue(sse_reply([chunk(0)], interval=0.01, hang_after=1))
     started = time.monotonic()
-    with requests.post(
-        server.base_url + "/v1/chat/completions",
-        json=CHAT,
-        headers=auth(key),
-        stream=True,
-        timeout=10,
-    ) as reply:
-        events = [e for _, e in read_events(reply)]
+    events = [e for _, e in stream_events(server, key)]
     assert time.monotonic() - started < 3
     assert json.loads(events[-1][6:])["error"]["code"] == "upstream_timeout"
     assert wait_for_row(server)["outcome"] == "upstream_timeout"
