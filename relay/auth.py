@@ -4,6 +4,7 @@ import datetime as dt
 import time
 
 from relay.errors import InvalidApiKey
+from relay.keys import month_start_ts
 
 BODY_KEY_FIELD = "api_secret_key"
 KEY_HEADERS = ("api-key", "x-api-key")
@@ -52,10 +53,8 @@ def authenticate(store, key):
     if record.expired():
         when = dt.datetime.fromtimestamp(record.expires_at, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
         raise InvalidApiKey(f"Incorrect API key provided: this key expired at {when} UTC.")
-    if record.quota_period == "monthly":
-        from relay.keys import month_start_ts
-
-        if (record.period_started_at or 0) < month_start_ts(time.time()):
-            store.roll_periods()
-            record = store.get(record.id)
+    started = record.period_started_at or 0
+    if record.quota_period == "monthly" and started < month_start_ts(time.time()):
+        store.roll_periods()  # a new month began: this key's quota starts again
+        record = store.get(record.id)
     return record

@@ -33,7 +33,6 @@ class RelayState:
         self.router = Router(load_upstreams(config), cooldown=config["UPSTREAM_COOLDOWN"])
         self.session = make_session(config["UPSTREAM_POOL_SIZE"])
         self.limiter = None  # set by create_app once flask-limiter is configured
-        self.inflight = None  # set by create_app (per-key concurrency caps)
         self.admission_checks = []  # called with each call before it is forwarded
         self.finish_hooks = []  # called with every finished call (metrics, limits)
         self.stream_hooks = []  # called when a streamed reply starts (metrics)
