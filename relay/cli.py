@@ -173,7 +173,6 @@ def enable_key(name):
 
 @keys_cli.command("delete")
 @click.argument("name")
-@click.confirmation_option(prompt="Delete this key? Its usage rows stay.")
 def delete_key(name):
     """Delete a key for good (usage rows are kept)."""
     _change("delete", name)

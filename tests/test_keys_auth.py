@@ -116,7 +116,7 @@ def test_cli_disable_enable_delete_topup(runner, client, key):
     assert client.get("/v1/models", headers=auth(key)).status_code == 200
     topped = runner.invoke(args=["keys", "topup", "default-key", "500"])
     assert topped.exit_code == 0 and "quota 500" in topped.output
-    assert runner.invoke(args=["keys", "delete", "default-key", "--yes"]).exit_code == 0
+    assert runner.invoke(args=["keys", "delete", "default-key"]).exit_code == 0
     assert client.get("/v1/models", headers=auth(key)).status_code == 401
     missing = runner.invoke(args=["keys", "disable", "nobody"])
     assert missing.exit_code != 0 and "no key named" in missing.output
