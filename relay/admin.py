@@ -1,6 +1,5 @@
 """The operator dashboard at /admin: sign-in with RELAY_ADMIN_TOKEN, usage charts, keys, calls."""
 
-import datetime as dt
 import hashlib
 import hmac
 import time
@@ -18,6 +17,7 @@ from flask import (
 
 from relay import charts, csrf
 from relay.errors import RateLimited
+from relay.keys import utc_minute
 from relay.ratelimit import check_unauthenticated
 from relay.state import state
 
@@ -130,8 +130,11 @@ def dashboard():
 def create_key():
     """Create a key and show it on this one result page: it is never shown again."""
     form = request.form
-    settings = {column: form[field].strip() for field, column in CREATE_FIELDS if form.get(field)}
-    settings = {column: value for column, value in settings.items() if value}
+    settings = {
+        column: form[field].strip()
+        for field, column in CREATE_FIELDS
+        if form.get(field, "").strip()
+    }
     try:
         plaintext, record = state().keys.create(form.get("name", ""), **settings)
     except ValueError as exc:
@@ -176,18 +179,11 @@ def _change(apply, done):
     return redirect(url_for("admin.dashboard"))
 
 
-def when(timestamp):
-    """A Unix time as `YYYY-MM-DD HH:MM` UTC, or a dash."""
-    if timestamp is None:
-        return "-"
-    return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
-
-
 def init_app(app):
     """Register the pages; the session cookie stays HttpOnly and same-site only."""
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     if not app.config.get("SESSION_COOKIE_SAMESITE"):
         app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
-    app.add_template_filter(when, "when")
+    app.add_template_filter(utc_minute, "when")
     csrf.init_app(app)
     app.register_blueprint(bp)

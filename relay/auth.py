@@ -1,10 +1,9 @@
 """Finding the client's relay key in a request and checking it against the key store."""
 
-import datetime as dt
 import time
 
 from relay.errors import InvalidApiKey
-from relay.keys import month_start_ts
+from relay.keys import month_start_ts, utc_minute
 
 BODY_KEY_FIELD = "api_secret_key"
 KEY_HEADERS = ("api-key", "x-api-key")
@@ -51,8 +50,9 @@ def authenticate(store, key):
     if not record.enabled:
         raise InvalidApiKey("Incorrect API key provided: this key is disabled.")
     if record.expired():
-        when = dt.datetime.fromtimestamp(record.expires_at, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
-        raise InvalidApiKey(f"Incorrect API key provided: this key expired at {when} UTC.")
+        raise InvalidApiKey(
+            f"Incorrect API key provided: this key expired at {utc_minute(record.expires_at)} UTC."
+        )
     started = record.period_started_at or 0
     if record.quota_period == "monthly" and started < month_start_ts(time.time()):
         store.roll_periods()  # a new month began: this key's quota starts again

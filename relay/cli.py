@@ -1,13 +1,13 @@
 """Operator commands: `flask --app app keys ...`, `usage` and `upstreams check`."""
 
 import csv
-import datetime as dt
 import sys
 
 import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
+from relay.keys import utc_minute
 from relay.usage_report import summarise
 
 keys_cli = AppGroup("keys", help="Create and manage relay keys.")
@@ -22,13 +22,6 @@ def _state():
 def _fail(message):
     """Stop with a one-line error on stderr and exit status 1."""
     raise click.ClickException(message)
-
-
-def _fmt_time(ts):
-    """A timestamp as UTC date-time, or '-'."""
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _settings(quota, rpm, tpm, max_concurrent, models, expires, budget):
@@ -121,8 +114,8 @@ def list_keys():
                 "-" if k.remaining_tokens is None else str(k.remaining_tokens),
                 str(k.rpm or "-"),
                 ",".join(k.models) if k.models else "*",
-                _fmt_time(k.expires_at),
-                _fmt_time(k.last_used_at),
+                utc_minute(k.expires_at),
+                utc_minute(k.last_used_at),
             ]
         )
     header = [

@@ -57,13 +57,6 @@ class SQLiteInflight:
         """Give a slot back."""
         self.db.write(lambda conn: conn.execute("DELETE FROM leases WHERE id = ?", (lease,)))
 
-    def count(self, key_id):
-        """Calls the key has in flight now."""
-        row = self.db.conn.execute(
-            "SELECT COUNT(*) FROM leases WHERE key_id = ? AND expires_at > ?", (key_id, time.time())
-        ).fetchone()
-        return row[0]
-
 
 ACQUIRE_SCRIPT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -100,10 +93,6 @@ class RedisInflight:
         key_id, member = lease
         self.redis.zrem(self._set(key_id), member)
 
-    def count(self, key_id):
-        """Calls the key has in flight now."""
-        return self.redis.zcount(self._set(key_id), time.time(), "+inf")
-
 
 class MemoryInflight:
     """Counters in this process only, for the memory:// storage (one worker, tests)."""
@@ -121,10 +110,6 @@ class MemoryInflight:
     def release(self, lease):
         """Give a slot back."""
         self.slots[lease] = max(self.slots.get(lease, 0) - 1, 0)
-
-    def count(self, key_id):
-        """Calls the key has in flight now."""
-        return self.slots.get(key_id, 0)
 
 
 def make_inflight(storage):

@@ -268,6 +268,13 @@ def _checked_value(column, value):
     return number
 
 
+def utc_minute(ts):
+    """A timestamp as `YYYY-MM-DD HH:MM` UTC, or a dash when there is none."""
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def month_start_ts(now):
     """Timestamp of the first instant of the current UTC month."""
     moment = dt.datetime.fromtimestamp(now, tz=dt.UTC)

@@ -13,13 +13,7 @@ from relay.ratelimit import per_key_rpm
 from relay.usage import GENERATION_PATHS
 
 PREFIXES = ("/index.php/api/v1", "/api/v1")
-MAX_END_USER = 64
 TRIMMED_HEADER = "X-Relay-Trimmed-Messages"
-
-
-def parse_body(raw, req):
-    """Legacy bodies: JSON with any Content-Type, or PHP forms (urlencoded or multipart)."""
-    return parse_legacy_body(raw, req)
 
 
 def envelope(call, parsed):
@@ -51,9 +45,9 @@ def prepare(call):
         call.json = None
         return
     user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > MAX_END_USER):
+    if user is not None and (not isinstance(user, str) or len(user) > pipeline.MAX_END_USER):
         raise InvalidRequest(
-            f"user must be a string of at most {MAX_END_USER} characters.", param="user"
+            f"user must be a string of at most {pipeline.MAX_END_USER} characters.", param="user"
         )
     if call.path == "chat/completions":
         check_messages(body.get("messages"))
@@ -86,7 +80,7 @@ def make_blueprint(limiter):
         if request.method == "POST" and path in GENERATION_PATHS:
             pipeline.open_call("legacy", path, _with_default_model)
         else:
-            pipeline.open_call("legacy", path, parse_body)
+            pipeline.open_call("legacy", path, parse_legacy_body)
         prepare(g.call)
 
     def relay_call(path):

@@ -193,7 +193,6 @@ def init_app(app, state):
     metrics = Metrics()
     app.extensions["relay_metrics"] = metrics
     state.finish_hooks.append(metrics.observe)
-    # RelayState has no stream-start hook list; streaming.streamed_reply calls this if set.
     state.stream_hooks.append(metrics.stream_opened)
     app.after_request(metrics.count_uncalled)
     app.register_blueprint(bp)
