@@ -5,11 +5,12 @@ import http.client
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+
+from relay.launch import free_port  # noqa: F401 - the relay's own, re-exported here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
@@ -74,13 +75,6 @@ def log_tail(proc, lines=15):
             return "".join(handle.readlines()[-lines:])
     except OSError:
         return ""
-
-
-def free_port():
-    """A free loopback TCP port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_status(port, path, timeout=1.0):

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 
 from bench.processes import PYTHON, ROOT, VENV_BIN, BenchError, free_port, wait_healthy
+from relay.launch import procfile_command
 
 
 class Target:
@@ -89,15 +90,6 @@ class EventLog:
         new = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
         self.entries.extend(new)
         return new
-
-
-def procfile_command():
-    """The Procfile's `web:` command."""
-    with open(os.path.join(ROOT, "Procfile"), encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("web:"):
-                return line[4:].strip()
-    raise BenchError("the Procfile has no web: line")
 
 
 def worker_command(model):

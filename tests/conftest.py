@@ -4,7 +4,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_upstream import FakeUpstream
 
 from relay import create_app
+from relay.launch import free_port, procfile_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI replays the same generated examples every run (.ci/run sets HYPOTHESIS_PROFILE=ci);
@@ -176,13 +176,6 @@ def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-def free_port():
-    """A free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class RelayServer:
     """The relay under real gunicorn (the Procfile's command) in a subprocess."""
 
@@ -209,11 +202,8 @@ class RelayServer:
 
     def command(self):
         """The Procfile's web command, as the operator would run it."""
-        with open(os.path.join(ROOT, "Procfile"), encoding="utf-8") as handle:
-            line = next(ln for ln in handle if ln.startswith("web:"))
-        command = line[4:].strip()
         bindir = os.path.dirname(sys.executable)
-        return f"exec {bindir}/{command}"
+        return f"exec {bindir}/{procfile_command()}"
 
     def start(self, timeout=20.0):
         """Start gunicorn and wait for /healthz."""

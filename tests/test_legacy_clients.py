@@ -176,6 +176,16 @@ def run_php(mode, url, key):
     return done.stdout.decode("utf-8"), stderr
 
 
+def php_chat(server, key, mode, fake):
+    """Run one PHP chat call; check the 200 and the envelope; return the reply body."""
+    out, err = run_php(mode, url_for(server, "chat/completions"), key)
+    assert php_status(err) == 200
+    body = json.loads(out)
+    assert body["code"] == 0 and body["msg"] == ""
+    assert body["choices"][0]["message"]["content"] == fake.reply_text
+    return body
+
+
 def php_status(stderr):
     """The HTTP status the PHP client reported on stderr."""
     found = re.search(r"^HTTP (\d+)$", stderr, re.MULTILINE)
@@ -307,11 +317,7 @@ def test_json_body_with_a_wrong_content_type(legacy, fake, content_type):
 @pytest.mark.parametrize("mode", ["json", "json-no-header"])
 def test_php_json_encode_client(legacy, fake, mode):
     server, key = legacy
-    out, err = run_php(mode, url_for(server, "chat/completions"), key)
-    assert php_status(err) == 200
-    body = json.loads(out)
-    assert body["code"] == 0 and body["msg"] == ""
-    assert body["choices"][0]["message"]["content"] == fake.reply_text
+    body = php_chat(server, key, mode, fake)
     assert body["usage"]["total_tokens"] == FAKE_PROMPT_TOKENS + FAKE_COMPLETION_TOKENS
     sent = fake.requests[-1]
     assert sent.json["messages"] == DOCS_ASKS
@@ -323,11 +329,7 @@ def test_php_json_encode_client(legacy, fake, mode):
 @needs_php
 def test_php_http_build_query_form(legacy, fake):
     server, key = legacy
-    out, err = run_php("form", url_for(server, "chat/completions"), key)
-    assert php_status(err) == 200
-    body = json.loads(out)
-    assert body["code"] == 0 and body["msg"] == ""
-    assert body["choices"][0]["message"]["content"] == fake.reply_text
+    php_chat(server, key, "form", fake)
     sent = fake.requests[-1]
     assert sent.headers["content-type"].startswith("application/json")
     assert sent.json["messages"] == DOCS_ASKS
@@ -341,11 +343,7 @@ def test_php_http_build_query_form(legacy, fake):
 @needs_php
 def test_php_multipart_array_postfields(legacy, fake):
     server, key = legacy
-    out, err = run_php("multipart", url_for(server, "chat/completions"), key)
-    assert php_status(err) == 200
-    body = json.loads(out)
-    assert body["code"] == 0 and body["msg"] == ""
-    assert body["choices"][0]["message"]["content"] == fake.reply_text
+    php_chat(server, key, "multipart", fake)
     sent = fake.requests[-1]
     assert sent.headers["content-type"].startswith("application/json")
     assert sent.json["messages"] == [{"role": "user", "content": "你好，世界"}]

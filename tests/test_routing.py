@@ -27,6 +27,17 @@ def second():
     upstream.stop()
 
 
+def others_upstream(second):
+    """An upstreams.toml entry sending claude-* and deepseek-* models to the second fake."""
+    return f"""
+[[upstream]]
+name = "others"
+base_url = "{second.base_url}"
+keys = ["sk-second"]
+prefixes = ["claude-", "deepseek-"]
+"""
+
+
 def make_app(tmp_path, fake, toml=None, **settings):
     """An app with an upstreams file (and the default upstream unless overridden)."""
     if toml is not None:
@@ -39,14 +50,7 @@ def make_app(tmp_path, fake, toml=None, **settings):
 
 
 def test_routes_by_exact_name_and_prefix(tmp_path, fake, second):
-    toml = f"""
-[[upstream]]
-name = "others"
-base_url = "{second.base_url}"
-keys = ["sk-second"]
-prefixes = ["claude-", "deepseek-"]
-models = ["special-model"]
-"""
+    toml = others_upstream(second) + 'models = ["special-model"]\n'
     app, client, key = make_app(tmp_path, fake, toml)
     for model, upstream in (
         ("claude-3-5-sonnet", second),
@@ -144,13 +148,7 @@ def test_hanging_upstream_times_out_with_504(tmp_path, fake):
 
 
 def test_models_union_across_upstreams(tmp_path, fake, second):
-    toml = f"""
-[[upstream]]
-name = "others"
-base_url = "{second.base_url}"
-keys = ["sk-second"]
-prefixes = ["claude-", "deepseek-"]
-"""
+    toml = others_upstream(second)
     app, client, key = make_app(tmp_path, fake, toml)
     ids = [m["id"] for m in client.get("/v1/models", headers=auth(key)).get_json()["data"]]
     assert {"gpt-3.5-turbo", "gpt-4o", "claude-3-5-sonnet", "deepseek-chat"} <= set(ids)
