@@ -8,6 +8,7 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
 from relay.keys import utc_minute
+from relay.upstream_http import get
 from relay.usage_report import summarise
 
 keys_cli = AppGroup("keys", help="Create and manage relay keys.")
@@ -236,13 +237,8 @@ def check_upstreams():
         for index, key in enumerate(upstream.keys):
             label = f"{upstream.name} key #{index + 1}"
             try:
-                reply = state.session.get(
-                    f"{upstream.base_url}/models",
-                    headers={"Authorization": f"Bearer {key}"},
-                    timeout=timeout,
-                )
-                status = reply.status_code
-                reply.close()
+                url = f"{upstream.base_url}/models"
+                status, _ = get(state.http, url, {"Authorization": f"Bearer {key}"}, timeout)
             except Exception as exc:  # noqa: BLE001 - report any failure as a line
                 failures += 1
                 click.echo(f"{label}: unreachable ({type(exc).__name__})")

@@ -4,9 +4,13 @@ import json
 import logging
 import time
 
-import requests
 import urllib3
 from flask import Response
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from relay import sse
 from relay.errors import UpstreamError, UpstreamTimeout
@@ -64,27 +68,31 @@ def forward(state, call, client_headers, environ):
         data, content_type, injected = body_for(call, target.upstream)
         try:
             reply = send(
-                state.session,
+                state.http,
                 call.method,
                 upstream_url(target.upstream.base_url, call.path, call.query),
                 request_headers(client_headers, target.api_key, content_type, call.stream),
                 data,
                 timeout,
             )
-        except requests.exceptions.ConnectTimeout:
+        except NewConnectionError as exc:  # refused, unreachable, unresolvable
+            _unreachable(state, target, exc)
+            failure = UpstreamError("The upstream could not be reached.")
+            broken = True
+            continue
+        except ConnectTimeoutError:
             failure = UpstreamTimeout("The upstream did not accept a connection in time.")
             state.router.rest(target)
             continue
-        except requests.exceptions.ReadTimeout:
+        except ReadTimeoutError:
             # The upstream took the request and went quiet: retrying could run it twice.
             raise UpstreamTimeout(
                 "The upstream did not answer within "
                 f"{state.config['UPSTREAM_READ_TIMEOUT']:g} s (RELAY_UPSTREAM_READ_TIMEOUT)."
             ) from None
-        except (requests.exceptions.RequestException, OSError) as exc:
-            log.warning("upstream %s unreachable: %s", target.upstream.name, type(exc).__name__)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # e.g. a pooled connection died
+            _unreachable(state, target, exc)
             failure = UpstreamError("The upstream could not be reached.")
-            state.router.rest(target)
             broken = True
             continue
         later = [t for t in targets[number + 1 :] if t != target]
@@ -101,6 +109,12 @@ def forward(state, call, client_headers, environ):
         state.router.restore(target)
         return respond(state, call, reply, target, injected, environ)
     raise failure or UpstreamError("No upstream could take the call.")
+
+
+def _unreachable(state, target, exc):
+    """Log a failed attempt (never its URL or key) and let that key rest."""
+    log.warning("upstream %s unreachable: %s", target.upstream.name, type(exc).__name__)
+    state.router.rest(target)
 
 
 def respond(state, call, reply, target, injected, environ):
@@ -127,8 +141,8 @@ def _redact(raw, target):
 def json_reply(call, reply, target):
     """Read a JSON reply whole, take its usage (or estimate it), and pass it on."""
     try:
-        raw = reply.content
-    except requests.exceptions.RequestException as exc:
+        raw = reply.read()
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise _broken_reply(exc) from None
     finally:
         reply.close()
@@ -199,6 +213,6 @@ def error_reply(call, reply, target):
 
 def _broken_reply(exc):
     """The error for a reply that broke off before we had all of it."""
-    if isinstance(exc, requests.exceptions.ReadTimeout | requests.exceptions.Timeout):
+    if isinstance(exc, ReadTimeoutError | TimeoutError):
         return UpstreamTimeout("The upstream went silent in the middle of its reply.")
     return UpstreamError("The upstream broke off its reply.")

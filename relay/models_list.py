@@ -3,7 +3,10 @@
 import json
 import logging
 
+import urllib3
 from flask import current_app
+
+from relay.upstream_http import get
 
 log = logging.getLogger("relay.models")
 
@@ -16,16 +19,17 @@ def fetch_models(state, upstream):
     )
     for target in _targets_of(upstream):
         try:
-            reply = state.session.get(
+            status, body = get(
+                state.http,
                 f"{upstream.base_url}/models",
-                headers={"Authorization": f"Bearer {target.api_key}"},
-                timeout=timeout,
+                {"Authorization": f"Bearer {target.api_key}"},
+                timeout,
             )
-            with reply:
-                if reply.status_code == 200:
-                    data = reply.json().get("data")
-                    return data if isinstance(data, list) else []
-        except (ValueError, OSError) as exc:
+            if status == 200:
+                listing = json.loads(body)
+                data = listing.get("data") if isinstance(listing, dict) else None
+                return data if isinstance(data, list) else []
+        except (ValueError, OSError, urllib3.exceptions.HTTPError) as exc:
             log.warning("models of upstream %s: %s", upstream.name, type(exc).__name__)
     return []
 

@@ -1,4 +1,4 @@
-"""The per-process objects every request shares: store, keys, router, HTTP session, limiter."""
+"""The per-process objects every request shares: store, keys, router, upstream pool, limiter."""
 
 import logging
 import sqlite3
@@ -8,7 +8,7 @@ from flask import current_app
 from relay.config import ConfigError
 from relay.db import Database
 from relay.keys import KeyStore
-from relay.upstream_http import make_session
+from relay.upstream_http import make_pool
 from relay.upstreams import Router, load_upstreams
 from relay.usage import UsageRecorder
 
@@ -31,7 +31,7 @@ class RelayState:
         self.keys = KeyStore(self.db)
         self.recorder = UsageRecorder(self.db, config["PRICES"])
         self.router = Router(load_upstreams(config), cooldown=config["UPSTREAM_COOLDOWN"])
-        self.session = make_session(config["UPSTREAM_POOL_SIZE"])
+        self.http = make_pool(config["UPSTREAM_POOL_SIZE"])
         self.limiter = None  # set by create_app once flask-limiter is configured
         self.admission_checks = []  # called with each call before it is forwarded
         self.finish_hooks = []  # called with every finished call (metrics, limits)

@@ -1,6 +1,5 @@
 """Streaming replies: bytes go out as they arrive; the call completes however the stream ends."""
 
-import requests
 import urllib3
 from flask import Response
 
@@ -10,7 +9,7 @@ from relay.upstream_http import response_headers
 from relay.usage import GENERATION_PATHS, estimated_usage, read_usage
 
 STREAM_HEADERS = [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
-BROKEN = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError)
+BROKEN = (urllib3.exceptions.HTTPError, OSError)
 
 
 def streamed_reply(state, call, reply, tap, environ):

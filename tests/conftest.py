@@ -134,7 +134,7 @@ def app(settings):
     application.wsgi_app = _TeeReplies(application.wsgi_app)
     yield application
     state = application.extensions["relay"]
-    state.session.close()
+    state.http.clear()
     state.db.close()
     state.limiter.storage.db.close() if hasattr(state.limiter.storage, "db") else None
 

@@ -40,7 +40,7 @@ def build_app(tmp_path, fake):
     yield build
     for application in apps:
         state = application.extensions["relay"]
-        state.session.close()
+        state.http.clear()
         state.db.close()
         if hasattr(state.limiter.storage, "db"):
             state.limiter.storage.db.close()
