@@ -35,6 +35,7 @@ DEFAULTS = {
     "UPSTREAM_COOLDOWN": 30.0,
     "UPSTREAM_POOL_SIZE": 4096,
     "STREAM_USAGE": True,
+    "STREAM_MAX_PAUSE": 0.25,  # seconds; 0 turns load-adaptive pacing of streams off
     "PRICES": None,  # "model=prompt_per_1k:completion_per_1k,..." for money budgets
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
@@ -61,6 +62,7 @@ FLOAT_SETTINGS = {
     "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),
     "UPSTREAM_COOLDOWN": (0.0, 86400.0),
     "DB_WRITE_TIMEOUT": (0.1, 3600.0),
+    "STREAM_MAX_PAUSE": (0.0, 5.0),
 }
 BOOL_SETTINGS = ("STREAM_USAGE", "METRICS", "SESSION_COOKIE_SECURE")
 TRUE_WORDS = {"1", "true", "yes", "on"}

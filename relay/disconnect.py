@@ -6,7 +6,7 @@ import socket
 log = logging.getLogger("relay.disconnect")
 
 
-def _gevent_active():
+def gevent_active():
     """Whether this process runs under gevent's monkey patching (gunicorn -k gevent)."""
     try:
         from gevent import monkey
@@ -32,7 +32,7 @@ class DisconnectWatch:
     def __init__(self, environ, on_disconnect):
         self._greenlet = None
         sock = client_socket(environ)
-        if sock is None or not _gevent_active():
+        if sock is None or not gevent_active():
             return
         import gevent
 

@@ -8,6 +8,7 @@ from flask import current_app
 from relay.config import ConfigError
 from relay.db import Database
 from relay.keys import KeyStore
+from relay.pacing import Pacer
 from relay.upstream_http import make_pool
 from relay.upstreams import Router, load_upstreams
 from relay.usage import UsageRecorder
@@ -36,6 +37,7 @@ class RelayState:
         self.admission_checks = []  # called with each call before it is forwarded
         self.finish_hooks = []  # called with every finished call (metrics, limits)
         self.stream_hooks = []  # called when a streamed reply starts (metrics)
+        self.pacer = Pacer(config["STREAM_MAX_PAUSE"])
 
     def complete(self, call):
         """Record a finished call once: its usage row, then every finish hook."""

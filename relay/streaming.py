@@ -1,9 +1,12 @@
 """Streaming replies: bytes go out as they arrive; the call completes however the stream ends."""
 
+import time
+
 import urllib3
 from flask import Response
 
 from relay import sse
+from relay.chunked import chunked_body, finish_chunked
 from relay.disconnect import DisconnectWatch
 from relay.upstream_http import response_headers
 from relay.usage import GENERATION_PATHS, estimated_usage, read_usage
@@ -15,6 +18,7 @@ BROKEN = (urllib3.exceptions.HTTPError, OSError)
 def streamed_reply(state, call, reply, tap, environ):
     """A Flask response streaming an SSE (tap given) or binary upstream reply through."""
     call.streaming = True
+    state.pacer.start()
     for hook in state.stream_hooks:
         hook(call)  # e.g. the open-streams gauge; completing the call takes it back down
     headers = response_headers(reply.headers)
@@ -67,9 +71,15 @@ class StreamedBody:
         self.state.complete(call)
 
     def _chunks(self):
-        """Upstream body bytes as they arrive (per HTTP chunk, or whatever one read returns)."""
+        """Upstream body bytes as they arrive: all that one socket read brought."""
         raw = self.reply.raw
-        if raw.chunked and raw.supports_chunked_reads():
+        body = chunked_body(raw)
+        if body is not None:
+            while data := body.read():
+                yield data
+            finish_chunked(raw, body)
+            return
+        if raw.chunked and raw.supports_chunked_reads():  # compressed: urllib3 decodes
             yield from raw.read_chunked(None, decode_content=True)
             return
         while data := raw.read1(65536, decode_content=True):
@@ -77,7 +87,7 @@ class StreamedBody:
 
     def _generate(self):
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
-        call, tap = self.call, self.tap
+        call, tap, pacer = self.call, self.tap, self.state.pacer
         watch = DisconnectWatch(self.environ, self.hang_up)
         try:
             for data in self._chunks():
@@ -89,6 +99,9 @@ class StreamedBody:
                 call.mark_first_byte()
                 call.bytes_out += len(out)
                 yield out
+                pause = pacer.pause()
+                if pause:
+                    time.sleep(pause)  # the loop is late: let the next events gather
             rest = tap.flush() if tap is not None else b""
             if rest:
                 call.bytes_out += len(rest)
