@@ -9,6 +9,8 @@ import re
 import sqlite3
 import time
 
+from relay.group_commit import GroupCommit
+
 log = logging.getLogger("relay.usage")
 
 # Han ideographs (with extensions and compatibility forms), kana and hangul each count as one.
@@ -141,7 +143,8 @@ def cost_of(prices, model, prompt, completion):
 
 
 class UsageRecorder:
-    """Writes usage rows and settles key counters in one short transaction per call.
+    """Writes usage rows and settles key counters: one short transaction per call, or per
+    burst of calls ending together (GroupCommit).
 
     When the database cannot take the row even after retrying (read-only file, a
     lock held for longer than RELAY_DB_WRITE_TIMEOUT), the row goes to a spool file
@@ -152,6 +155,7 @@ class UsageRecorder:
         self.db = db
         self.prices = prices or {}
         self.spool_path = db.path + ".spool.jsonl"
+        self.commits = GroupCommit(self._insert_rows)
 
     def row_for(self, call):
         """The usage row of a finished call."""
@@ -185,7 +189,7 @@ class UsageRecorder:
         """Write the call's row and add its tokens to the key; never raises to the client."""
         row = self.row_for(call)
         try:
-            self.db.write(lambda conn: self._insert(conn, row))
+            self.commits.write(row)
         except sqlite3.Error as exc:
             log.error("usage row spooled, database unavailable: %s", exc)
             self._spool(row)
@@ -193,6 +197,10 @@ class UsageRecorder:
         if _nonempty(self.spool_path):
             self.replay_spool()
         return row
+
+    def _insert_rows(self, rows):
+        """Insert rows and settle their keys in one transaction."""
+        self.db.write(lambda conn: [self._insert(conn, row) for row in rows])
 
     def _insert(self, conn, row):
         """Insert one row and settle its key, inside the caller's transaction."""
@@ -220,7 +228,7 @@ class UsageRecorder:
             rows = [json.loads(line) for line in spool if line.strip()]
             if rows:
                 try:
-                    self.db.write(lambda conn: [self._insert(conn, r) for r in rows])
+                    self._insert_rows(rows)
                 except sqlite3.Error:
                     return 0
             # Truncate, never unlink: a writer may already hold the file open, waiting to lock it.
