@@ -100,7 +100,7 @@ class StreamedBody:
                 call.bytes_out += len(out)
                 yield out
                 pause = pacer.pause()
-                if pause:
+                if pause and not (tap is not None and tap.saw_done):
                     time.sleep(pause)  # the loop is late: let the next events gather
             rest = tap.flush() if tap is not None else b""
             if rest:
