@@ -46,6 +46,7 @@ class GroupCommit:
 
     def _drain(self):
         """Commit what is queued, in batches, until nothing waits; wake every caller."""
+        batch = []
         try:
             while self.queue:
                 batch, self.queue = self.queue, []
@@ -54,8 +55,18 @@ class GroupCommit:
                     self.write_rows([row for row, _, _ in batch])
                 except sqlite3.Error as exc:
                     error = exc
-                for entry in batch:
-                    entry[2] = error
-                    entry[1].set()
+                _wake(batch, error)
+                batch = []
         finally:
             self.leading = False
+            # Only when this greenlet was stopped mid-way (a kill at shutdown): nobody else
+            # would wake these callers, and nothing was committed for them, so they spool.
+            stranded, self.queue = batch + self.queue, []
+            _wake(stranded, sqlite3.OperationalError("the usage write was interrupted"))
+
+
+def _wake(entries, error):
+    """Tell each waiting caller how its commit went."""
+    for entry in entries:
+        entry[2] = error
+        entry[1].set()

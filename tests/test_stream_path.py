@@ -194,3 +194,22 @@ def test_without_gevent_rows_are_written_one_by_one():
     commits.write({"n": 1})
     commits.write({"n": 2})
     assert batches == [[{"n": 1}], [{"n": 2}]]
+
+
+def test_callers_are_woken_even_when_the_committing_greenlet_dies():
+    def die(rows):
+        raise RuntimeError("stopped")  # as a kill at shutdown would, mid-write
+
+    commits = GroupCommit(die, batch=True)
+    outcomes = []
+
+    def call_ends(number):
+        try:
+            commits.write({"n": number})
+        except sqlite3.Error:
+            outcomes.append("spool")  # what UsageRecorder does with the row
+        except RuntimeError:
+            outcomes.append("leader died")
+
+    gevent.joinall([gevent.spawn(call_ends, n) for n in range(3)], timeout=2)
+    assert sorted(outcomes) == ["leader died", "spool", "spool"]
