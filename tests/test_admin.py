@@ -292,9 +292,12 @@ def test_metrics_are_open_without_a_token(build_app):
     assert client.get("/metrics").status_code == 200
 
 
-def test_metrics_count_calls_tokens_streams_and_refusals(client, key, app):
+def test_metrics_count_calls_tokens_streams_and_refusals(client, key, app, fake):
     assert chat(client, key).status_code == 200
     assert chat(client, key).status_code == 200
+    # Chunks 50 ms apart: the relay passes on all a read brings, so a stream the upstream
+    # sent at once could arrive whole, [DONE] and all, and end before the scrape.
+    fake.stream_interval = 0.05
     streamed = client.post(
         "/v1/chat/completions",
         json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True},
