@@ -133,10 +133,16 @@ def app(settings):
     application = create_app(settings)
     application.wsgi_app = _TeeReplies(application.wsgi_app)
     yield application
+    close_app(application)
+
+
+def close_app(application):
+    """Close what an in-process app holds open: upstream connections and SQLite files."""
     state = application.extensions["relay"]
     state.http.clear()
     state.db.close()
-    state.limiter.storage.db.close() if hasattr(state.limiter.storage, "db") else None
+    if hasattr(state.limiter.storage, "db"):
+        state.limiter.storage.db.close()
 
 
 @pytest.fixture

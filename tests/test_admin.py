@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from conftest import SECRETS_SEEN, auth, relay_settings
+from conftest import SECRETS_SEEN, auth, close_app, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply, sse_reply
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,11 +39,7 @@ def build_app(tmp_path, fake):
 
     yield build
     for application in apps:
-        state = application.extensions["relay"]
-        state.http.clear()
-        state.db.close()
-        if hasattr(state.limiter.storage, "db"):
-            state.limiter.storage.db.close()
+        close_app(application)
 
 
 def csrf_of(html):
