@@ -16,7 +16,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.runtime
-	$(PYTHON) -m relay.launch
+	$(PYTHON) -m relay.serve.launch
 
 test: $(VENV)/.dev
 	tests/install-system-deps.sh

@@ -2,7 +2,7 @@
 
 import sys
 
-from relay import create_app
+from relay.app import create_app
 from relay.config import ConfigError
 
 try:

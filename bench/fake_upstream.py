@@ -9,7 +9,10 @@ import socket
 import sys
 import time
 
+import gevent
 from gevent import sleep
+from gevent.pool import Pool
+from gevent.server import StreamServer
 from gevent.socket import wait_read
 
 from bench.processes import raise_open_files
@@ -286,10 +289,6 @@ def _die_with_parent():
 
 def serve(listener, app):
     """Serve on one listener in this process until SIGTERM or SIGINT."""
-    import gevent
-    from gevent.pool import Pool
-    from gevent.server import StreamServer
-
     server = StreamServer(listener, app.handle, spawn=Pool(50000))
 
     def stop():

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from relay.launch import free_port  # noqa: F401 - the relay's own, re-exported here
+from relay.serve.launch import free_port  # noqa: F401 - the relay's own, re-exported here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 
 from bench.processes import PYTHON, ROOT, VENV_BIN, BenchError, free_port, wait_healthy
-from relay.launch import procfile_command
+from relay.serve.launch import procfile_command
 
 
 class Target:

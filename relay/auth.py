@@ -1,21 +1,43 @@
-"""Finding the client's relay key in a request and checking it against the key store."""
+"""Credentials: the client's relay key in a request, checked against the store; the admin token.
 
+Every credential check (relay keys on both faces and the key page, the admin token on
+/admin and /metrics) goes through `verify`, so a failure always counts against the
+caller's address and guessing stays slow.
+"""
+
+import hmac
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from relay.errors import InvalidApiKey
-from relay.keys import month_start_ts, utc_minute
+from relay.call import KeyRecord
+from relay.errors import AdminAuthRequired, InvalidApiKey
+from relay.limits import count_unauthenticated
+from relay.store.keys import KeyStore, month_start_ts, utc_minute
 
 BODY_KEY_FIELD = "api_secret_key"
 KEY_HEADERS = ("api-key", "x-api-key")
 MAX_KEY_LENGTH = 512
+T = TypeVar("T")
 
 
-def find_client_key(headers, body):
+def verify(check: Callable[[], T]) -> T:
+    """Run one credential check; a failure first counts against the caller's address.
+
+    Past RELAY_UNAUTHENTICATED_RPM failures a minute the answer is a 429 instead.
+    """
+    try:
+        return check()
+    except (InvalidApiKey, AdminAuthRequired):
+        count_unauthenticated()
+        raise
+
+
+def find_client_key(headers: Mapping[str, str], body: Any) -> str | None:
     """Return the key from Authorization: Bearer, the body field, or api-key headers (or None)."""
-    authorization = headers.get("Authorization", "")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    token = bearer_token(headers)
+    if token:
+        return token
     if isinstance(body, dict):
         value = body.get(BODY_KEY_FIELD)
         if isinstance(value, str) and value.strip():
@@ -27,7 +49,7 @@ def find_client_key(headers, body):
     return None
 
 
-def strip_body_key(body):
+def strip_body_key(body: Any) -> bool:
     """Remove the key field from a parsed body; True when something was removed."""
     if isinstance(body, dict) and BODY_KEY_FIELD in body:
         del body[BODY_KEY_FIELD]
@@ -35,7 +57,7 @@ def strip_body_key(body):
     return False
 
 
-def authenticate(store, key):
+def authenticate(store: KeyStore, key: str | None) -> KeyRecord:
     """Return the key's record, or raise invalid_api_key without ever echoing the key."""
     if key is None:
         raise InvalidApiKey(
@@ -56,5 +78,17 @@ def authenticate(store, key):
     started = record.period_started_at or 0
     if record.quota_period == "monthly" and started < month_start_ts(time.time()):
         store.roll_periods()  # a new month began: this key's quota starts again
-        record = store.get(record.id)
+        record = store.get(record.id) or record
     return record
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of `Authorization: Bearer <token>`, or ""."""
+    scheme, _, sent = headers.get("Authorization", "").strip().partition(" ")
+    return sent.strip() if scheme.lower() == "bearer" else ""
+
+
+def check_admin_token(sent: str, token: str, message: str) -> None:
+    """Raise AdminAuthRequired unless `sent` is the admin token (compared in constant time)."""
+    if not sent or not hmac.compare_digest(sent.encode(), token.encode()):
+        raise AdminAuthRequired(message, headers={"WWW-Authenticate": 'Bearer realm="relay"'})

@@ -1,26 +1,55 @@
-"""The relay's one error hierarchy and the one function that turns any failure into a JSON reply."""
+"""The relay's one error hierarchy and the one function that turns any failure into a JSON reply.
+
+    RelayError (500 internal_error)
+    ├── InvalidRequest       400 invalid_request
+    ├── InvalidApiKey        401 invalid_api_key
+    ├── AdminAuthRequired    401 admin_token_required
+    ├── ModelNotAllowed      403 model_not_allowed
+    ├── NotFound             404 not_found
+    ├── MethodNotAllowed     405 method_not_allowed
+    ├── RequestTooLarge      413 request_too_large
+    ├── QuotaExceeded        429 insufficient_user_quota
+    ├── RateLimited          429 rate_limit_exceeded (with Retry-After)
+    ├── UpstreamError        502 upstream_error
+    ├── UpstreamTimeout      504 upstream_timeout
+    └── ServiceUnavailable   503 service_unavailable
+
+Werkzeug's HTTP errors and flask-limiter's 429 are mapped onto these; anything else is
+logged and answered as a plain 500. A face may wrap the body (the legacy face adds its
+`code`/`msg` envelope) through the shaper given to `init_app`.
+"""
 
 import json
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from flask import g, request
+from flask import Flask, Response, current_app, g, request
+from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
+from relay.call import as_outcome
+
 log = logging.getLogger("relay")
+SHAPER = "relay_error_shaper"
+# Adds a face's envelope to an error body: (status, OpenAI error body) -> reply body.
+ErrorShaper = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 
 class RelayError(Exception):
     """A failure the client should see, with OpenAI's status, type and code."""
 
-    status = 500
-    type = "server_error"
-    code = "internal_error"
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
 
-    def __init__(self, message, *, param=None, headers=None):
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
 
 
 class InvalidRequest(RelayError):
@@ -96,36 +125,27 @@ class ServiceUnavailable(RelayError):
 
 
 # Werkzeug's own HTTP errors mapped onto ours, so every reply has one shape.
-HTTP_EXCEPTIONS = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
+HTTP_EXCEPTIONS: dict[int, type[RelayError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+}
 
 
-def error_body(status, message, type_, code, param=None, legacy=False):
-    """Build the OpenAI error object; legacy replies also carry `code` and `msg` at the top."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    if legacy:
-        return {"code": status, "msg": message, **body}
-    return body
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object, the one shape of every error the relay sends."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def is_legacy_request():
-    """Whether the current request came in on the legacy face."""
-    face = g.get("face")
-    if face is not None:
-        return face == "legacy"
-    path = request.path
-    return path.startswith(("/api/v1/", "/index.php/api/v1/"))
-
-
-def error_response(err):
-    """Turn a RelayError into a Flask response in the face's shape."""
-    from flask import current_app
-
+def error_response(err: RelayError) -> Response:
+    """Turn a RelayError into a Flask response, in the shape of the face it came in on."""
     call = g.get("call")
     if call is not None and call.outcome == "ok":
-        call.outcome = err.code
-    body = error_body(
-        err.status, err.message, err.type, err.code, err.param, legacy=is_legacy_request()
-    )
+        call.outcome = as_outcome(err.code)
+    body = error_body(err.message, err.type, err.code, err.param)
+    shape: ErrorShaper | None = current_app.extensions.get(SHAPER)
+    if shape is not None:
+        body = shape(err.status, body)
     response = current_app.response_class(
         json.dumps(body, ensure_ascii=False), status=err.status, mimetype="application/json"
     )
@@ -134,12 +154,11 @@ def error_response(err):
     return response
 
 
-def handle_http_exception(exc):
+def handle_http_exception(exc: HTTPException) -> Response:
     """Map werkzeug's 404/405/413/429 (and any other HTTP error) onto the relay's shape."""
-    from flask_limiter.errors import RateLimitExceeded
-
+    err: RelayError
     if isinstance(exc, RateLimitExceeded):
-        reason = exc.description
+        reason = exc.description or ""
         if not reason.startswith("Rate limit"):
             reason = f"Rate limit reached: {reason}."  # a bare limit such as "10 per 1 minute"
         err = RateLimited(f"{reason} Retry after the window resets.")
@@ -156,12 +175,13 @@ def handle_http_exception(exc):
         err.type = "invalid_request_error" if err.status < 500 else "server_error"
         err.code = exc.name.lower().replace(" ", "_")
     response = error_response(err)
-    if exc.code == 405 and getattr(exc, "valid_methods", None):
-        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    valid_methods = getattr(exc, "valid_methods", None)
+    if exc.code == 405 and valid_methods:
+        response.headers["Allow"] = ", ".join(valid_methods)
     return response
 
 
-def handle_unexpected(exc):
+def handle_unexpected(exc: Exception) -> Response:
     """Log an unexpected exception (never with request secrets) and reply with a plain 500."""
     if isinstance(exc, HTTPException):
         return handle_http_exception(exc)
@@ -169,8 +189,10 @@ def handle_unexpected(exc):
     return error_response(RelayError("The relay hit an internal error; it has been logged."))
 
 
-def init_app(app):
+def init_app(app: Flask, shaper: ErrorShaper | None = None) -> None:
     """Register the handlers so every failure, ours or werkzeug's, gets the same body."""
+    if shaper is not None:
+        app.extensions[SHAPER] = shaper
     app.register_error_handler(RelayError, error_response)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

@@ -1,47 +1,50 @@
-"""The steps every relayed call takes, whichever face it came in on: open, admit, forward, close."""
+"""The steps every relayed call takes, whichever face it came in on: open, admit, forward, close.
 
-from flask import g, request
+A face plugs into these steps through its `Face` hooks; the steps are the same for both.
+"""
+
+import io
+
+from flask import Response, current_app, g, request
 from werkzeug.formparser import parse_form_data
 
-from relay import forwarding
-from relay.auth import authenticate, find_client_key, strip_body_key
-from relay.call import Call
-from relay.errors import InvalidApiKey, InvalidRequest, ModelNotAllowed, QuotaExceeded
-from relay.ratelimit import check_unauthenticated
-from relay.request_body import read_body
+from relay.auth import authenticate, find_client_key, strip_body_key, verify
+from relay.call import MAX_END_USER, Call
+from relay.errors import InvalidRequest, ModelNotAllowed, QuotaExceeded
+from relay.face import Face
 from relay.state import state
+from relay.upstream import Relayed
 
-MAX_END_USER = 64
 
+def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
+    """Parse the body, find and check the key, and describe the call; stored as g.call.
 
-def open_call(face, path, parse_body):
-    """Read the body, find and check the key, and describe the call; stored as g.call."""
-    g.face = face
+    `relayed` is False for the relay's own endpoints (balance): they authenticate the
+    same way but are not forwarded and leave no usage row.
+    """
     current = state()
-    raw = read_body(request.environ, current.config["MAX_BODY_BYTES"])
     call = Call(
-        face=face,
+        face=face.name,
         method=request.method,
         path=path,
         query=request.query_string,
         body=raw,
         content_type=request.content_type,
+        relayed=relayed,
     )
-    call.json = parse_body(raw, request)
+    call.json = face.parse_body(raw, call.method, path, call.content_type)
     key = find_client_key(request.headers, call.json)
     if strip_body_key(call.json):
         call.body_changed = True
-    try:
-        call.key = authenticate(current.keys, key)
-    except InvalidApiKey:
-        check_unauthenticated()
-        raise
+    call.key = verify(lambda: authenticate(current.store.keys, key))
     g.call = call
-    describe(call, current.config["MODEL_ALIASES"])
+    if relayed:
+        describe(call, current.config["MODEL_ALIASES"])
+        face.prepare(call)
     return call
 
 
-def describe(call, aliases):
+def describe(call: Call, aliases: dict[str, str]) -> None:
     """Take model, stream, usage wish and end user from the body; map model aliases."""
     body = call.json
     if not isinstance(body, dict):
@@ -58,7 +61,7 @@ def describe(call, aliases):
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("The stream field must be true or false.", param="stream")
-    call.stream = stream is True
+    call.stream_requested = stream is True
     options = body.get("stream_options")
     call.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     user = body.get("user")
@@ -66,12 +69,10 @@ def describe(call, aliases):
         call.end_user = user[:MAX_END_USER]
 
 
-def multipart_model(call):
+def multipart_model(call: Call) -> str | None:
     """The `model` form field of a multipart upload (audio), read without consuming the body."""
     if not (call.content_type or "").startswith("multipart/form-data") or not call.body:
         return None
-    import io
-
     environ = {
         "wsgi.input": io.BytesIO(call.body),
         "CONTENT_LENGTH": str(len(call.body)),
@@ -84,9 +85,11 @@ def multipart_model(call):
     return form.get("model")
 
 
-def admit(call):
-    """Refuse a call its key may not make: model allow-list, spent token or money quota."""
+def admit(call: Call) -> None:
+    """Refuse a call its key may not make: model allow-list, spent quota, key limits."""
     key = call.key
+    if key is None:  # pragma: no cover - open_call authenticates before anything is admitted
+        raise InvalidRequest("The call has no key.")
     if not (key.allows_model(call.model) or key.allows_model(call.model_requested)):
         raise ModelNotAllowed(
             f"This key may not use the model {call.model_requested!r}.", param="model"
@@ -101,21 +104,49 @@ def admit(call):
             f"This key's budget is spent ({key.spent:.4f} of {key.budget:.4f}). "
             "Ask the relay's operator for a top-up."
         )
-    current = state()
-    for check in current.admission_checks:
-        check(call)
+    state().limits.admit(call)
 
 
-def run(call):
-    """Admit and forward a call; the reply (or error) goes back through Flask."""
+def run(call: Call, face: Face) -> Response:
+    """Admit and forward a call; its reply goes back in the face's shape."""
     admit(call)
-    return forwarding.forward(state(), call, request.headers.items(), request.environ)
+    current = state()
+    relayed = current.upstreams.forward(call, request.headers.items(), request.environ, current)
+    return respond(call, face, relayed)
 
 
-def close_call(response):
-    """after_request: complete calls whose reply is already whole (streams complete themselves)."""
-    call = g.get("call")
-    if call is not None and not call.streaming and not call.completed:
+def list_models(call: Call, face: Face) -> Response:
+    """GET /models: forwarded from a lone upstream, else the union the key may use."""
+    current = state()
+    if current.upstreams.single and call.key is not None and call.key.models is None:
+        return run(call, face)
+    admit(call)
+    allows = call.key.allows_model if call.key is not None else (lambda _model: True)
+    body = current.upstreams.models(allows, current.config["MODEL_ALIASES"])
+    call.upstream_name = "*"
+    return respond(call, face, Relayed(200, [("Content-Type", "application/json")], body))
+
+
+def respond(call: Call, face: Face, relayed: Relayed) -> Response:
+    """The Flask response for a relayed reply: streams as they come, whole bodies wrapped."""
+    response_class = current_app.response_class
+    if relayed.streamed:
+        return response_class(
+            relayed.body, relayed.status, relayed.headers, direct_passthrough=True
+        )
+    body = face.wrap_reply(call, relayed)
+    call.bytes_out = len(body)
+    return response_class(body, relayed.status, relayed.headers)
+
+
+def close_call(response: Response) -> Response:
+    """after_request: add the face's headers; complete calls whose reply is already whole."""
+    call: Call | None = g.get("call")
+    if call is None:
+        return response
+    for name, value in call.reply_headers:
+        response.headers[name] = value
+    if call.relayed and not call.reply_streamed and not call.completed:
         call.status = response.status_code
         call.bytes_out = call.bytes_out or (response.content_length or 0)
         state().complete(call)

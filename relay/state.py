@@ -1,57 +1,78 @@
-"""The per-process objects every request shares: store, keys, router, upstream pool, limiter."""
+"""The per-process objects every request shares: config, store, upstreams, limits, metrics."""
 
 import logging
-import sqlite3
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from flask import current_app
 
-from relay.config import ConfigError
-from relay.db import Database
-from relay.keys import KeyStore
-from relay.pacing import Pacer
-from relay.upstream_http import make_pool
-from relay.upstreams import Router, load_upstreams
-from relay.usage import UsageRecorder
+from relay.call import Call
+from relay.limits import Limits
+from relay.store import Store
+from relay.upstream import Upstreams
 
 log = logging.getLogger("relay")
+EXTENSION = "relay"
+
+
+class CallObserver(Protocol):
+    """Watches calls without changing them (the metrics)."""
+
+    def stream_opened(self, call: Call) -> None:
+        """A streamed reply started."""
+
+    def observe(self, call: Call) -> None:
+        """A call completed."""
 
 
 class RelayState:
-    """Built once per app by create_app; reached through `state()` during requests."""
+    """Built complete by create_app, once per app; reached through `state()` during requests."""
 
-    def __init__(self, app):
-        config = app.config
+    def __init__(
+        self,
+        config: dict[str, Any],
+        store: Store,
+        upstreams: Upstreams,
+        limits: Limits,
+        metrics: CallObserver | None,
+    ) -> None:
         self.config = config
-        self.db = Database(config["DATABASE"], write_timeout=config["DB_WRITE_TIMEOUT"])
-        try:
-            self.db.migrate()
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(
-                f"RELAY_DATABASE {config['DATABASE']} cannot be opened for writing ({exc})."
-            ) from None
-        self.keys = KeyStore(self.db)
-        self.recorder = UsageRecorder(self.db, config["PRICES"])
-        self.router = Router(load_upstreams(config), cooldown=config["UPSTREAM_COOLDOWN"])
-        self.http = make_pool(config["UPSTREAM_POOL_SIZE"])
-        self.limiter = None  # set by create_app once flask-limiter is configured
-        self.admission_checks = []  # called with each call before it is forwarded
-        self.finish_hooks = []  # called with every finished call (metrics, limits)
-        self.stream_hooks = []  # called when a streamed reply starts (metrics)
-        self.pacer = Pacer(config["STREAM_MAX_PAUSE"])
+        self.store = store
+        self.upstreams = upstreams
+        self.limits = limits
+        self.metrics = metrics  # None when RELAY_METRICS=off
 
-    def complete(self, call):
-        """Record a finished call once: its usage row, then every finish hook."""
+    def stream_opened(self, call: Call) -> None:
+        """A streamed reply started: the open-streams gauge goes up until the call completes."""
+        if self.metrics is not None:
+            self.metrics.stream_opened(call)
+
+    def complete(self, call: Call) -> None:
+        """Finish a call once: its usage row, its limits' release, its metrics."""
         if call.completed:
             return
         call.completed = True
-        self.recorder.record(call)
-        for hook in self.finish_hooks:
-            try:
-                hook(call)
-            except Exception:  # a metrics or limit hiccup must not lose the reply
-                log.exception("finish hook failed")
+        self.store.record(call)
+        _quietly(self.limits.finish, call)
+        if self.metrics is not None:
+            _quietly(self.metrics.observe, call)
+
+    def close(self) -> None:
+        """Close what this process holds open: upstream connections and database files."""
+        self.upstreams.close()
+        self.store.close()
+        self.limits.close()
 
 
-def state():
+def _quietly(step: Callable[[Call], None], call: Call) -> None:
+    """Run one finishing step; a limits or metrics hiccup must not lose the reply."""
+    try:
+        step(call)
+    except Exception:
+        log.exception("finishing a call failed in %s", getattr(step, "__qualname__", step))
+
+
+def state() -> RelayState:
     """The current app's RelayState."""
-    return current_app.extensions["relay"]
+    relay_state: RelayState = current_app.extensions[EXTENSION]
+    return relay_state

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from fake_upstream import FakeUpstream
 
-from relay import create_app
-from relay.launch import free_port, procfile_command
+from relay.app import create_app
+from relay.serve.launch import free_port, procfile_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI replays the same generated examples every run (.ci/run sets HYPOTHESIS_PROFILE=ci);
@@ -138,11 +138,7 @@ def app(settings):
 
 def close_app(application):
     """Close what an in-process app holds open: upstream connections and SQLite files."""
-    state = application.extensions["relay"]
-    state.http.clear()
-    state.db.close()
-    if hasattr(state.limiter.storage, "db"):
-        state.limiter.storage.db.close()
+    application.extensions["relay"].close()
 
 
 @pytest.fixture
@@ -163,7 +159,8 @@ def make_key(app):
 
     def make(name=None, **settings):
         make.count += 1
-        plaintext, _ = app.extensions["relay"].keys.create(name or f"key{make.count}", **settings)
+        keys = app.extensions["relay"].store.keys
+        plaintext, _ = keys.create(name or f"key{make.count}", **settings)
         SECRETS_SEEN.add(plaintext)
         return plaintext
 

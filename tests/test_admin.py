@@ -12,7 +12,7 @@ from conftest import SECRETS_SEEN, auth, close_app, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply, sse_reply
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import create_app
+from relay.app import create_app
 
 ADMIN_TOKEN = "admin-token-Zq8-5f0c1e9b7a2d4c6e"
 SECRETS_SEEN.add(ADMIN_TOKEN)
@@ -122,7 +122,7 @@ def test_no_session_sees_no_data_and_changes_nothing(client, make_key, app):
     # A forged POST: no session, so no CSRF token and no sign-in either.
     forged = client.post("/admin/keys/disable", data={"name": "alice-visible-name"})
     assert forged.status_code in (400, 401, 403)
-    assert app.extensions["relay"].keys.by_name("alice-visible-name").enabled
+    assert app.extensions["relay"].store.keys.by_name("alice-visible-name").enabled
 
 
 def test_login_sets_a_strict_httponly_cookie_and_logout_ends_it(client, make_key):
@@ -152,7 +152,7 @@ def test_session_from_an_old_token_is_refused(client, app):
 def test_posts_without_a_valid_csrf_token_change_nothing(client, make_key, app):
     make_key("alice-visible-name")
     login(client)
-    keys = app.extensions["relay"].keys
+    keys = app.extensions["relay"].store.keys
     for data in ({"name": "alice-visible-name"}, {"name": "alice-visible-name", "csrf_token": "x"}):
         reply = client.post("/admin/keys/disable", data=data)
         assert reply.status_code == 400
@@ -172,7 +172,7 @@ def test_create_key_shows_it_once_and_stores_only_its_hash(client, app):
     assert reply.headers["Cache-Control"] == "no-store"
     key = re.search(r'id="new-key">([^<]+)<', reply.get_data(as_text=True)).group(1)
     assert key.startswith("sk-relay-")
-    rows = app.extensions["relay"].db.query("SELECT * FROM keys WHERE name = 'carol'")
+    rows = app.extensions["relay"].store.db.query("SELECT * FROM keys WHERE name = 'carol'")
     assert rows[0]["key_hash"] == hashlib.sha256(key.encode()).hexdigest()
     assert not any(key in str(value) for value in rows[0].values())
     assert rows[0]["quota_tokens"] == 1000 and rows[0]["rpm"] == 5
@@ -191,7 +191,7 @@ def test_create_key_with_a_taken_name_says_why(client, make_key):
 
 def test_disable_enable_and_top_up(client, make_key, app):
     key = make_key("dave", quota_tokens=100)
-    keys = app.extensions["relay"].keys
+    keys = app.extensions["relay"].store.keys
     login(client)
     assert post_form(client, "/admin/keys/disable", name="dave").status_code == 302
     assert not keys.by_name("dave").enabled

@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import ROOT, RelayServer, free_port
 
+from relay.app import create_app
 from relay.config import ConfigError, load_settings
 
 
@@ -94,8 +95,6 @@ def test_unwritable_database_is_a_config_error(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot be opened"):
-        from relay import create_app
-
         create_app(
             {
                 "DATABASE": str(blocked / "relay.sqlite"),

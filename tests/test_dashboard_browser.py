@@ -7,6 +7,7 @@ import pytest
 import requests
 from conftest import SECRETS_SEEN, auth
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS
+from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def browser():
     """Headless Chromium, closed at the end."""
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS

@@ -88,7 +88,7 @@ def test_upstream_unreachable_is_502(client, key, app):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app.extensions["relay"].router.default.base_url = f"http://127.0.0.1:{port}/v1"
+    app.extensions["relay"].upstreams.router.default.base_url = f"http://127.0.0.1:{port}/v1"
     error = error_of(
         client.post("/v1/chat/completions", json=CHAT, headers=auth(key)), 502, "upstream_error"
     )
@@ -145,5 +145,5 @@ def test_upstream_rejecting_its_own_key_is_not_blamed_on_the_client(client, key,
 def test_usage_row_records_failures(client, key, fake, app):
     fake.queue(reset(), reset(), reset())
     client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
-    row = app.extensions["relay"].db.query_one("SELECT * FROM usage ORDER BY id DESC")
+    row = app.extensions["relay"].store.db.query_one("SELECT * FROM usage ORDER BY id DESC")
     assert (row["status"], row["outcome"], row["total_tokens"]) == (502, "upstream_error", 0)

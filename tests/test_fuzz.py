@@ -1,8 +1,10 @@
 """Bad input on both faces, from hypothesis: always a clean OpenAI-shaped reply, never a 500."""
 
 import json
+import socket
 
 import pytest
+import requests
 from conftest import UPSTREAM_KEY, auth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,8 +171,6 @@ def test_path_tricks_never_leave_the_upstream(client, key, fake, segments):
     ["X-Test: a\r\nInjected: yes", "X-Test: a\nInjected: yes", "Authorization: Bearer x\r\nY: 1"],
 )
 def test_header_injection_is_refused_by_the_server(relay_server, fake, header):
-    import socket
-
     server = relay_server(workers=1)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         name, _, value = header.partition(": ")
@@ -179,8 +179,6 @@ def test_header_injection_is_refused_by_the_server(relay_server, fake, header):
     assert answer.startswith(b"HTTP/1.1 4")
     assert all(b"injected" not in r.body.lower() for r in fake.requests)
     assert all("injected" not in r.headers for r in fake.requests)
-    import requests
-
     assert requests.get(server.base_url + "/healthz", timeout=5).status_code == 200
 
 

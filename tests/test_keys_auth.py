@@ -41,7 +41,7 @@ def test_missing_unknown_disabled_expired_deleted_keys(client, app, make_key, fa
         client.post("/v1/chat/completions", json=CHAT, headers=auth("sk-nope-123456")),
         "sk-nope-123456",
     )
-    store = app.extensions["relay"].keys
+    store = app.extensions["relay"].store.keys
     disabled = make_key("off")
     store.set_enabled("off", False)
     reply = client.post("/v1/chat/completions", json=CHAT, headers=auth(disabled))
@@ -59,9 +59,9 @@ def test_missing_unknown_disabled_expired_deleted_keys(client, app, make_key, fa
 
 def test_disable_takes_effect_on_the_next_request(client, app, key):
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
-    app.extensions["relay"].keys.set_enabled("default-key", False)
+    app.extensions["relay"].store.keys.set_enabled("default-key", False)
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 401
-    app.extensions["relay"].keys.set_enabled("default-key", True)
+    app.extensions["relay"].store.keys.set_enabled("default-key", True)
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
 
 

@@ -1,12 +1,14 @@
 """Legacy body decoding, chat rules and the estimate rule, checked piece by piece."""
 
+import io
+
 import pytest
 from conftest import auth
 
 from relay.errors import InvalidRequest
-from relay.legacy_body import coerce_types, nest
-from relay.legacy_chat import trim_history
-from relay.usage import estimate_tokens
+from relay.faces.legacy_body import coerce_types, nest
+from relay.faces.legacy_chat import trim_history
+from relay.tokens import estimate_tokens
 
 
 def test_nest_builds_php_arrays():
@@ -147,8 +149,6 @@ def test_legacy_invalid_utf8_form_is_400(client, key, fake):
 
 
 def test_legacy_upload_keeps_multipart_and_drops_key(client, key, fake):
-    import io
-
     audio = bytes(range(256)) * 8
     reply = client.post(
         "/api/v1/audio/transcriptions",

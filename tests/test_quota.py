@@ -3,14 +3,17 @@
 import concurrent.futures
 import multiprocessing
 import sqlite3
+import threading
 import time
 
 import requests
-from conftest import auth
+from conftest import auth, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply
 
-from relay.db import Database
-from relay.usage import UsageRecorder
+from relay.app import create_app
+from relay.call import Call, KeyRecord
+from relay.store.db import Database
+from relay.store.usage import UsageRecorder
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 PER_CALL = FAKE_PROMPT_TOKENS + FAKE_COMPLETION_TOKENS
@@ -47,15 +50,11 @@ def test_model_allow_list(client, make_key, fake):
 
 
 def test_money_budget_with_price_table(tmp_path, fake):
-    from conftest import relay_settings
-
-    from relay import create_app
-
     app = create_app(relay_settings(tmp_path, fake, PRICES="gpt-4o=10:30"))
     client = app.test_client()
-    key, _ = app.extensions["relay"].keys.create("b", budget=0.5)
+    key, _ = app.extensions["relay"].store.keys.create("b", budget=0.5)
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
-    row = app.extensions["relay"].db.query_one("SELECT cost FROM usage")
+    row = app.extensions["relay"].store.db.query_one("SELECT cost FROM usage")
     expected = (FAKE_PROMPT_TOKENS * 10 + FAKE_COMPLETION_TOKENS * 30) / 1000
     assert abs(row["cost"] - expected) < 1e-9
     for _ in range(2):
@@ -64,14 +63,14 @@ def test_money_budget_with_price_table(tmp_path, fake):
     assert reply.status_code == 429 and "budget" in reply.get_json()["error"]["message"]
     sub = client.get("/v1/dashboard/billing/subscription", headers=auth(key)).get_json()
     assert sub["hard_limit_usd"] == 0.5 and sub["unit"] == "usd"
-    app.extensions["relay"].db.close()
+    app.extensions["relay"].store.db.close()
 
 
 def test_monthly_quota_starts_again(client, app, make_key, fake):
     key = make_key("monthly", quota_tokens=PER_CALL, quota_period="monthly")
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 429
-    db = app.extensions["relay"].db
+    db = app.extensions["relay"].store.db
     last_month = time.time() - 40 * 86400
     db.write(lambda c: c.execute("UPDATE keys SET period_started_at = ?", (last_month,)))
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
@@ -166,11 +165,6 @@ def test_quota_across_two_workers_never_overspends_past_in_flight(relay_server, 
 
 def _write_rows(path, count, key_id):
     """Child process: record `count` usage rows from many threads at once."""
-    import threading
-
-    from relay.call import Call
-    from relay.keys import KeyRecord
-
     recorder = UsageRecorder(Database(path))
     record = KeyRecord.from_row({"id": key_id, "name": "w", "enabled": 1, "created_at": 0})
     barrier = threading.Barrier(50)
@@ -200,7 +194,7 @@ def test_2000_concurrent_usage_writes_from_4_processes_lose_nothing(app, make_ke
     for process in processes:
         process.join(120)
         assert process.exitcode == 0
-    db = app.extensions["relay"].db
+    db = app.extensions["relay"].store.db
     assert db.query_one("SELECT COUNT(*) AS n FROM usage")["n"] == 2000
     assert db.query_one("SELECT used_tokens FROM keys WHERE id = 1")["used_tokens"] == 6000
     assert not __import__("os").path.exists(path + ".spool.jsonl")
@@ -208,10 +202,10 @@ def test_2000_concurrent_usage_writes_from_4_processes_lose_nothing(app, make_ke
 
 def test_rows_spool_when_the_database_refuses_and_come_back(app, make_key, client, fake):
     key = make_key("spooler")
-    db = app.extensions["relay"].db
+    db = app.extensions["relay"].store.db
     blocker = sqlite3.connect(app.config["DATABASE"], isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # someone holds the write lock
-    app.extensions["relay"].recorder.db.write_timeout = 0.3
+    app.extensions["relay"].store.usage.db.write_timeout = 0.3
     reply = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     assert reply.status_code == 200  # the client is never told about our storage trouble
     blocker.execute("ROLLBACK")

@@ -2,9 +2,9 @@
 
 import pytest
 from conftest import UPSTREAM_KEY, auth, free_port, relay_settings
-from fake_upstream import FakeUpstream, json_reply, sse_reply
+from fake_upstream import FakeUpstream, hang, json_reply, sse_reply
 
-from relay import create_app
+from relay.app import create_app
 from relay.config import ConfigError
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -45,7 +45,7 @@ def make_app(tmp_path, fake, toml=None, **settings):
         path.write_text(toml)
         settings["UPSTREAMS_FILE"] = str(path)
     app = create_app(relay_settings(tmp_path, fake, **settings))
-    key, _ = app.extensions["relay"].keys.create("router-test")
+    key, _ = app.extensions["relay"].store.keys.create("router-test")
     return app, app.test_client(), key
 
 
@@ -66,7 +66,7 @@ def test_routes_by_exact_name_and_prefix(tmp_path, fake, second):
         assert len(upstream.requests) == before + 1, model
     assert {r.upstream_key for r in second.requests} == {"sk-second"}
     assert {r.upstream_key for r in fake.requests} == {UPSTREAM_KEY}
-    rows = app.extensions["relay"].db.query("SELECT upstream FROM usage ORDER BY id")
+    rows = app.extensions["relay"].store.db.query("SELECT upstream FROM usage ORDER BY id")
     assert [r["upstream"] for r in rows] == ["others", "others", "others", "default"]
 
 
@@ -94,7 +94,8 @@ def test_failing_key_is_skipped_and_rests(tmp_path, fake, status):
     keys = [r.upstream_key for r in fake.requests]
     assert keys.count("sk-bad") == 1  # tried once, then resting for RELAY_UPSTREAM_COOLDOWN
     assert keys.count("sk-good") == 4
-    row = app.extensions["relay"].db.query_one("SELECT attempts FROM usage WHERE attempts > 1")
+    db = app.extensions["relay"].store.db
+    row = db.query_one("SELECT attempts FROM usage WHERE attempts > 1")
     assert row["attempts"] == 2
 
 
@@ -136,8 +137,6 @@ def test_no_retry_once_a_stream_has_started(tmp_path, fake):
 
 
 def test_hanging_upstream_times_out_with_504(tmp_path, fake):
-    from fake_upstream import hang
-
     _, client, key = make_app(
         tmp_path, fake, UPSTREAM_API_KEY="sk-a,sk-b", UPSTREAM_READ_TIMEOUT=0.3
     )
@@ -153,7 +152,7 @@ def test_models_union_across_upstreams(tmp_path, fake, second):
     ids = [m["id"] for m in client.get("/v1/models", headers=auth(key)).get_json()["data"]]
     assert {"gpt-3.5-turbo", "gpt-4o", "claude-3-5-sonnet", "deepseek-chat"} <= set(ids)
     assert "gpt-3.5" in ids and "gpt-4" in ids  # aliases of served models
-    limited, _ = app.extensions["relay"].keys.create("limited", models="claude-*")
+    limited, _ = app.extensions["relay"].store.keys.create("limited", models="claude-*")
     ids = [m["id"] for m in client.get("/v1/models", headers=auth(limited)).get_json()["data"]]
     assert ids == ["claude-3-5-sonnet"]
 

@@ -2,8 +2,8 @@
 
 import json
 
-from relay.sse import FOLD_EVERY, EventTap
-from relay.usage import estimate_tokens
+from relay.tokens import estimate_tokens
+from relay.upstream.sse import FOLD_EVERY, EventTap
 
 
 def event(payload, end=b"\n\n"):

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from urllib3.exceptions import ProtocolError
 
-from relay import resolver
-from relay.chunked import ChunkedBody
-from relay.group_commit import GroupCommit
-from relay.pacing import LAG_THRESHOLD, PAUSE_PER_LAG, Pacer
-from relay.worker import ACCEPT_BATCH, BatchAcceptServer
+from relay.serve.worker import ACCEPT_BATCH, BatchAcceptServer
+from relay.store.group_commit import GroupCommit
+from relay.upstream import resolver
+from relay.upstream.chunked import ChunkedBody
+from relay.upstream.pacing import LAG_THRESHOLD, PAUSE_PER_LAG, Pacer
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 

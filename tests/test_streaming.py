@@ -3,6 +3,7 @@
 import itertools
 import json
 import socket
+import sqlite3
 import time
 
 import requests
@@ -96,8 +97,6 @@ def stream_events(server, key, body=CHAT):
 
 def wait_for_row(server, count=1, timeout=5):
     """Poll the server's database until it has `count` usage rows; return the last."""
-    import sqlite3
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with sqlite3.connect(server.db_path) as conn:
@@ -157,5 +156,5 @@ def test_stream_in_test_client_records_row(client, key, fake, app):
     body = reply.get_data()
     reply.close()
     assert body.endswith(b"data: [DONE]\n\n")
-    row = app.extensions["relay"].db.query_one("SELECT * FROM usage")
+    row = app.extensions["relay"].store.db.query_one("SELECT * FROM usage")
     assert (row["stream"], row["total_tokens"], row["outcome"]) == (1, 18, "ok")

@@ -48,7 +48,7 @@ def test_make_run_demo_mode_answers_at_once(tmp_path):
         WEB_CONCURRENCY="1",
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "relay.launch"],
+        [sys.executable, "-m", "relay.serve.launch"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

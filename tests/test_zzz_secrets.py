@@ -11,7 +11,7 @@ from conftest import (
     auth,
 )
 
-from relay import keys
+from relay.store import keys
 
 
 def _haystacks():

@@ -1,0 +1,73 @@
+"""The app factory: configuration, then each layer built once and wired into one RelayState."""
+
+import logging
+from typing import Any
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from relay import config as relay_config
+from relay import errors, faces
+from relay.config import ConfigError
+from relay.limits import Limits
+from relay.serve import cli
+from relay.state import EXTENSION, RelayState
+from relay.store import Store, StoreError
+from relay.upstream import Upstreams
+from relay.web import admin, health, keyholder, metrics
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the Flask app: config, store, limits, upstreams, the two API faces, the web pages."""
+    app = Flask(
+        __name__,
+        instance_relative_config=True,
+        template_folder="web/templates",
+        static_folder="web/static",
+    )
+    relay_config.configure(app, test_config)
+    _configure_logging(app)
+    if app.config["PROXY_COUNT"]:
+        # Trust X-Forwarded-For only as far as the operator's own proxies go.
+        count = app.config["PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)  # type: ignore[method-assign]
+    api_faces = faces.build_faces(app.config)
+    errors.init_app(app, faces.error_shaper(api_faces))
+    limits = Limits(app)  # its hooks run before the faces' (the global limit first)
+    app.extensions[EXTENSION] = RelayState(
+        app.config,
+        open_store(app.config),
+        Upstreams(app.config),
+        limits,
+        metrics.init_app(app),
+    )
+    faces.init_app(app, api_faces, limits)
+    health.init_app(app)
+    admin.init_app(app)
+    keyholder.init_app(app)
+    cli.init_app(app)
+    return app
+
+
+def open_store(config: dict[str, Any]) -> Store:
+    """The store, migrated; ConfigError in one sentence when its file cannot be written."""
+    store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], config["PRICES"])
+    try:
+        store.migrate()
+    except (StoreError, OSError) as exc:
+        raise ConfigError(
+            f"RELAY_DATABASE {config['DATABASE']} cannot be opened for writing ({exc})."
+        ) from None
+    return store
+
+
+def _configure_logging(app: Flask) -> None:
+    """Log to stderr (gunicorn captures it) at RELAY_LOG_LEVEL."""
+    level = getattr(logging, str(app.config["LOG_LEVEL"]).upper(), logging.INFO)
+    logger = logging.getLogger("relay")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False

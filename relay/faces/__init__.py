@@ -1,0 +1,40 @@
+"""The API faces: OpenAI's under /v1, and the old PHP-era service's under /api/v1.
+
+Each face is one `Face` object (its prefixes, body reading, rules and reply shape) and
+one blueprint built from it; everything else is the shared pipeline.
+"""
+
+from typing import Any
+
+from flask import Flask, request
+
+from relay.errors import ErrorShaper
+from relay.face import Face
+from relay.faces.legacy import LegacyFace
+from relay.faces.openai import OpenAIFace
+from relay.faces.routes import make_blueprint
+from relay.limits import Limits
+
+
+def build_faces(config: dict[str, Any]) -> list[Face]:
+    """The faces this relay serves, the legacy one with its configured rules."""
+    return [OpenAIFace(), LegacyFace(config["DEFAULT_MODEL"], config["LEGACY_MAX_CHARS"])]
+
+
+def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:
+    """Register each face's blueprint."""
+    for face in faces:
+        app.register_blueprint(make_blueprint(face, limits))
+
+
+def error_shaper(faces: list[Face]) -> ErrorShaper:
+    """The error-body shaper for errors.init_app: the shape of the face a URL belongs to."""
+
+    def shape(status: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Wrap an error body as the face of the current request's URL does."""
+        for face in faces:
+            if face.api_path(request.path) is not None:
+                return face.shape_error(status, body)
+        return body
+
+    return shape

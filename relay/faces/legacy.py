@@ -1,0 +1,83 @@
+"""The legacy face: the old PHP-era service's body-key dialect on /index.php/api/v1 and /api/v1."""
+
+import json
+from typing import Any
+
+from relay.call import MAX_END_USER, Call
+from relay.errors import InvalidRequest
+from relay.face import Face
+from relay.faces.legacy_body import drop_multipart_field, multipart_has_files, parse_legacy_body
+from relay.faces.legacy_chat import check_messages, trim_history
+from relay.tokens import GENERATION_PATHS
+from relay.upstream import Relayed
+
+TRIMMED_HEADER = "X-Relay-Trimmed-Messages"
+
+
+class LegacyFace(Face):
+    """Forms or JSON in, the old service's chat rules, and `code`/`msg` beside every reply."""
+
+    name = "legacy"
+    prefixes = ("/index.php/api/v1", "/api/v1")
+
+    def __init__(self, default_model: str, max_chars: int) -> None:
+        self.default_model = default_model  # RELAY_DEFAULT_MODEL
+        self.max_chars = max_chars  # RELAY_LEGACY_MAX_CHARS
+
+    def parse_body(
+        self, raw: bytes, method: str, path: str, content_type: str | None
+    ) -> dict[str, Any] | None:
+        """JSON whatever the Content-Type, or PHP forms; generations get the default model."""
+        body = parse_legacy_body(raw, content_type)
+        if method == "POST" and path in GENERATION_PATHS:
+            body = body if body is not None else {}
+            if not body.get("model"):
+                body["model"] = self.default_model
+        return body
+
+    def prepare(self, call: Call) -> None:
+        """The old service's rules: a sane `user`, non-empty messages, the character limit."""
+        body = call.json
+        if body is None:
+            return
+        if multipart_has_files(call.body, call.content_type):
+            # An upload: pass the multipart body on, minus the key field.
+            call.body = drop_multipart_field(call.body, call.content_type, "api_secret_key")
+            call.json = None
+            return
+        user = body.get("user")
+        if user is not None and (not isinstance(user, str) or len(user) > MAX_END_USER):
+            raise InvalidRequest(
+                f"user must be a string of at most {MAX_END_USER} characters.", param="user"
+            )
+        if call.path == "chat/completions":
+            check_messages(body.get("messages"))
+            kept, dropped = trim_history(body["messages"], self.max_chars)
+            if dropped:
+                body["messages"] = kept
+                call.reply_headers.append((TRIMMED_HEADER, str(dropped)))
+        # Forms and wrongly typed JSON are re-sent as JSON, always.
+        call.body_changed = True
+
+    def wrap_reply(self, call: Call, reply: Relayed) -> bytes:
+        """The reply with the old service's `code`/`msg` beside the OpenAI fields."""
+        parsed = reply.json()
+        if parsed is None:
+            return super().wrap_reply(call, reply)
+        error = parsed.get("error")
+        if call.status and call.status >= 400 and error is not None:
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            wrapped = {"code": call.status, "msg": message or "Upstream error.", "error": error}
+        else:
+            if call.usage.source == "estimated" and not isinstance(parsed.get("usage"), dict):
+                parsed["usage"] = call.usage.as_openai()
+            wrapped = self.wrap_own({k: v for k, v in parsed.items() if k not in ("code", "msg")})
+        return json.dumps(wrapped, ensure_ascii=False).encode("utf-8")
+
+    def wrap_own(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Success: `"code": 0, "msg": ""` first, then the OpenAI fields."""
+        return {"code": 0, "msg": "", **payload}
+
+    def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Failure: the HTTP status as `code`, the message as `msg`, and the OpenAI error."""
+        return {"code": status, "msg": body["error"]["message"], **body}

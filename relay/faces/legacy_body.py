@@ -1,0 +1,186 @@
+"""Legacy request bodies: JSON whatever the Content-Type, or PHP-style forms in bracket notation."""
+
+import math
+import re
+from typing import Any
+from urllib.parse import parse_qsl
+
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from relay.errors import InvalidRequest
+from relay.faces.request_body import decode_utf8, parse_json_object
+
+FLOAT_FIELDS = {"temperature", "top_p", "frequency_penalty", "presence_penalty"}
+INT_FIELDS = {"max_tokens", "max_completion_tokens", "n", "best_of", "seed", "top_logprobs"}
+BOOL_FIELDS = {"stream", "echo", "include_usage", "parallel_tool_calls", "store"}
+TRUE = {"1", "true", "on", "yes"}
+FALSE = {"0", "false", "off", "no", ""}
+BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+MAX_FIELDS = 10000
+
+
+def parse_legacy_body(raw: bytes, content_type: str | None) -> dict[str, Any] | None:
+    """Decode a legacy body into a dict (None when empty): forms by their type, else JSON."""
+    if not raw.strip():
+        return None
+    media, options = parse_options_header(content_type or "")
+    media = media.lower()
+    # A body that starts like JSON is JSON, whatever the header claims (curl -d, PHP
+    # clients that set the wrong type, Notepad's byte-order mark).
+    looks_json = _looks_like_json(raw)
+    if media == "multipart/form-data" and not looks_json:
+        pairs, _ = multipart_fields(raw, options.get("boundary"))
+        return coerce_types(nest(pairs))
+    if media == "application/x-www-form-urlencoded" and not looks_json:
+        return coerce_types(nest(urlencoded_fields(raw)))
+    # JSON with the right type, or sent as curl -d sends it (form type) or with no type.
+    return coerce_types(parse_json_object(raw))
+
+
+def _looks_like_json(raw: bytes) -> bool:
+    """Whether a body starts like JSON (after white space and a UTF-8 byte-order mark)."""
+    return raw.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
+
+
+def urlencoded_fields(raw: bytes) -> list[tuple[str, str]]:
+    """Name/value pairs of a urlencoded body, strictly UTF-8."""
+    text = decode_utf8(raw)
+    try:
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("Form body is not valid UTF-8 once percent-decoded.") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"Form body is malformed: {exc}.") from None
+    return pairs
+
+
+def multipart_fields(raw: bytes, boundary: str | None) -> tuple[list[tuple[str, str]], bool]:
+    """(name/value pairs of the text fields, whether there were files), strictly UTF-8."""
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary.")
+    decoder = MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=len(raw) + 1)
+    try:
+        decoder.receive_data(raw)
+        decoder.receive_data(None)
+        pairs: list[tuple[str, str]] = []
+        parts: list[bytes] = []
+        name, is_file, files = "", False, 0
+        while True:
+            event = decoder.next_event()
+            if isinstance(event, NeedData | Epilogue):
+                break
+            if isinstance(event, Field | File):
+                name, parts, is_file = event.name, [], isinstance(event, File)
+                files += is_file
+            elif isinstance(event, Data):
+                parts.append(event.data)
+                if not event.more_data and not is_file:
+                    pairs.append((name, decode_utf8(b"".join(parts), f"Form field {name!r}")))
+            if len(pairs) > MAX_FIELDS:
+                raise InvalidRequest("Too many form fields.")
+    except ValueError as exc:
+        raise InvalidRequest(f"multipart body is malformed: {exc}.") from None
+    return pairs, files > 0
+
+
+def multipart_has_files(raw: bytes, content_type: str | None) -> bool:
+    """Whether a multipart body carries file parts (an upload to pass on as multipart)."""
+    media, options = parse_options_header(content_type or "")
+    if media.lower() != "multipart/form-data" or not options.get("boundary"):
+        return False
+    if _looks_like_json(raw):
+        return False
+    return multipart_fields(raw, options["boundary"])[1]
+
+
+def drop_multipart_field(raw: bytes, content_type: str | None, field: str) -> bytes:
+    """The multipart body without the parts named `field`, other bytes untouched."""
+    _, options = parse_options_header(content_type or "")
+    delimiter = b"--" + options["boundary"].encode("latin-1")
+    pieces = raw.split(delimiter)
+    marker = f'name="{field}"'.encode()
+    kept = [p for p in pieces if marker not in p.split(b"\r\n\r\n", 1)[0]]
+    return delimiter.join(kept)
+
+
+def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Build nested dicts/lists from PHP bracket names: messages[0][role]=user, stop[]=x."""
+    root: dict[str, Any] = {}
+    for name, value in pairs:
+        head, _, _ = name.partition("[")
+        path = [head, *BRACKETS.findall(name[len(head) :])] if "[" in name else [name]
+        node = root
+        for depth, part in enumerate(path):
+            segment = part or str(_next_index(node))
+            if depth == len(path) - 1:
+                node[segment] = value
+            else:
+                child = node.get(segment)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[segment] = child
+                node = child
+    # The body itself is always an object, even if its field names are 0, 1, 2…
+    return {name: _lists(value) for name, value in root.items()}
+
+
+def _next_index(node: dict[str, Any]) -> int:
+    """PHP's `[]`: one past the largest integer key so far."""
+    numbers = [int(k) for k in node if k.isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _lists(node: Any) -> Any:
+    """Dicts keyed 0..n-1 become lists, as PHP's json_encode does; others stay objects."""
+    if not isinstance(node, dict):
+        return node
+    converted = {k: _lists(v) for k, v in node.items()}
+    if converted and {k for k in converted} == {str(i) for i in range(len(converted))}:
+        return [converted[str(i)] for i in range(len(converted))]
+    return converted
+
+
+def coerce_types(body: dict[str, Any]) -> dict[str, Any]:
+    """Turn string values of known numeric and boolean fields into numbers and booleans."""
+    for name, value in list(body.items()):
+        if name in FLOAT_FIELDS | INT_FIELDS | BOOL_FIELDS:
+            body[name] = _typed(name, value)
+        elif name == "stream_options" and isinstance(value, dict):
+            coerce_types(value)
+    return body
+
+
+def _typed(name: str, value: Any) -> Any:
+    """One field's value as its type; strings that are not one are a 400."""
+    if value is None or (not isinstance(value, str) and not isinstance(value, list | dict)):
+        if name in BOOL_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            return bool(value)
+        return value
+    if not isinstance(value, str):
+        raise InvalidRequest(f"The {name} field must be a single value.", param=name)
+    text = value.strip().lower()
+    try:
+        if name in BOOL_FIELDS:
+            if text in TRUE:
+                return True
+            if text in FALSE:
+                return False
+            raise ValueError(text)
+        if name in INT_FIELDS:
+            return int(text)
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return number
+    except ValueError:
+        kind = "true or false" if name in BOOL_FIELDS else "a number"
+        raise InvalidRequest(
+            f"The {name} field must be {kind}, not {value!r}.", param=name
+        ) from None

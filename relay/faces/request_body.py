@@ -1,0 +1,98 @@
+"""Reading request bodies safely: a hard size limit (chunked too) and strict UTF-8 JSON objects."""
+
+import json
+import math
+from typing import Any, NoReturn
+
+from relay.errors import InvalidRequest, RequestTooLarge
+
+READ_SIZE = 64 * 1024
+
+
+def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
+    """Read the whole request body, refusing more than max_bytes with a 413.
+
+    Werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the
+    limit is enforced here by counting what actually arrives.
+    """
+    declared = environ.get("CONTENT_LENGTH")
+    if declared:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number.") from None
+        if length > max_bytes:
+            raise _too_large(max_bytes)
+        if length <= 0:
+            return b""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        part = stream.read(READ_SIZE)
+        if not part:
+            break
+        size += len(part)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _too_large(max_bytes: int) -> RequestTooLarge:
+    """The 413 error for a body over the limit."""
+    return RequestTooLarge(
+        f"Request body is larger than the relay accepts ({max_bytes} bytes, RELAY_MAX_BODY_BYTES)."
+    )
+
+
+def _finite_float(text: str) -> float:
+    """json parse_float hook: reject numbers too large to be a finite float."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _reject_constant(name: str) -> NoReturn:
+    """json parse_constant hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_utf8(raw: bytes, what: str = "Request body") -> str:
+    """Decode bytes as strict UTF-8 (a leading BOM is tolerated), else a 400."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{what} is not valid UTF-8 (byte {exc.start}).") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a body that must be a UTF-8 JSON object; anything else is a 400 invalid_request."""
+    text = decode_utf8(raw)
+    if not text.strip():
+        raise InvalidRequest("Request body is empty; a JSON object was expected.")
+    try:
+        value = json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest("Request body is nested too deeply.") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"Request body must be a JSON object, not a JSON {type(value).__name__}."
+        )
+    return value
+
+
+def looks_like_json(content_type: str | None, raw: bytes) -> bool:
+    """Whether a body should be read as JSON: a JSON media type, or no type and a `{` start."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return True
+    if media in ("", "text/plain", "application/x-www-form-urlencoded"):
+        return raw.lstrip()[:1] == b"{"
+    return False

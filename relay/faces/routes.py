@@ -1,0 +1,79 @@
+"""A face's URL rules: the relay's own endpoints, /models, and every other path forwarded."""
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+
+from relay import pipeline
+from relay.face import Face
+from relay.faces import balance
+from relay.faces.request_body import read_body
+from relay.limits import Limits
+from relay.state import state
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# The relay's own endpoints under each prefix (answered here, never forwarded).
+OWN_ENDPOINTS = {
+    "relay_key": ("/relay/key", ["GET", "POST"]),
+    "billing_subscription": ("/dashboard/billing/subscription", ["GET"]),
+    "billing_usage": ("/dashboard/billing/usage", ["GET"]),
+}
+
+
+def make_blueprint(face: Face, limits: Limits) -> Blueprint:
+    """The blueprint of one face, under each of its prefixes."""
+    bp = Blueprint(face.name, __name__)
+
+    @bp.url_value_preprocessor
+    def name_the_call(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        """Note the face and path first (before any limit), so every answer is counted."""
+        g.face_name, g.api_path = face.name, face.api_path(request.path) or ""
+
+    @bp.before_request
+    def open_call() -> None:
+        """Read the body and authenticate before the per-key limits and the view run."""
+        raw = read_body(request.environ, current_app.config["MAX_BODY_BYTES"])
+        own = (request.endpoint or "").rpartition(".")[2] in OWN_ENDPOINTS
+        pipeline.open_call(face, g.api_path, raw, relayed=not own)
+
+    def own_reply(payload: dict[str, Any]) -> Response:
+        """A reply of the relay's own, in the face's shape."""
+        return current_app.response_class(
+            json.dumps(face.wrap_own(payload), ensure_ascii=False), mimetype="application/json"
+        )
+
+    def relay_key() -> Response:
+        """The caller's key: quota, used, remaining, limits, expiry."""
+        return own_reply(balance.key_summary(g.call.key, current_app.config["DEFAULT_RPM"]))
+
+    def billing_subscription() -> Response:
+        """OpenAI's old subscription object."""
+        return own_reply(balance.subscription(g.call.key))
+
+    def billing_usage() -> Response:
+        """OpenAI's old usage object for the caller's key."""
+        return own_reply(balance.usage(state().store, g.call.key, request.args))
+
+    def models() -> Response:
+        """GET /models: the upstream's list, or the union the key may use."""
+        return pipeline.list_models(g.call, face)
+
+    def relay_call(path: str) -> Response:
+        """Forward the call upstream."""
+        return pipeline.run(g.call, face)
+
+    own_views = {
+        "relay_key": limits.exempt(relay_key),
+        "billing_subscription": limits.exempt(billing_subscription),
+        "billing_usage": limits.exempt(billing_usage),
+    }
+    models_view = limits.per_key_rpm(models)
+    relay_view = limits.per_key_rpm(relay_call)
+    for prefix in face.prefixes:
+        for endpoint, (rule, methods) in OWN_ENDPOINTS.items():
+            bp.add_url_rule(prefix + rule, endpoint, own_views[endpoint], methods=methods)
+        bp.add_url_rule(prefix + "/models", "models", models_view, methods=["GET"])
+        bp.add_url_rule(prefix + "/<path:path>", "relay_call", relay_view, methods=METHODS)
+    bp.after_request(pipeline.close_call)
+    return bp

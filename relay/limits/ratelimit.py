@@ -1,0 +1,136 @@
+"""Request limits with flask-limiter: per key, relay-wide, and per address without a key."""
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request
+from flask_limiter import Limiter
+from limits import RateLimitItemPerMinute
+
+import relay.limits.sqlite_storage  # noqa: F401 - registers the sqlite:// storage scheme
+from relay.errors import RateLimited
+
+KEY_RPM_SCOPE = "key-rpm"
+
+
+def _client_address() -> str:
+    """The caller's address (ProxyFix has already applied RELAY_PROXY_COUNT)."""
+    return request.remote_addr or "unknown"
+
+
+def _key_scope() -> str:
+    """Rate-limit identity of the calling key: its id, never the key or its header."""
+    call = g.get("call")
+    return f"key:{call.key.id}" if call is not None and call.key is not None else ""
+
+
+def _key_rpm() -> str:
+    """The calling key's requests-per-minute limit as a flask-limiter string."""
+    # flask-limiter parses the string even for exempt calls, so never hand it "None".
+    return f"{_rpm_value() or 1}/minute"
+
+
+def _rpm_value() -> int | None:
+    """The key's own rpm, else RELAY_DEFAULT_RPM, else None (no limit)."""
+    call = g.get("call")
+    if call is None or call.key is None:
+        return None
+    return call.key.rpm or current_app.config["DEFAULT_RPM"]
+
+
+def _no_key_rpm() -> bool:
+    """Exempt keys that have no request limit."""
+    return _rpm_value() is None
+
+
+def per_key_rpm(limiter: Limiter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The view decorator both faces share, so a key has one budget whichever face it calls."""
+    return limiter.shared_limit(
+        _key_rpm,
+        scope=KEY_RPM_SCOPE,
+        key_func=_key_scope,
+        exempt_when=_no_key_rpm,
+        error_message=lambda: f"Rate limit reached for this key: {_rpm_value()} requests/minute.",
+    )
+
+
+def drop_stray_retry_after(response: Response) -> Response:
+    """flask-limiter puts Retry-After on every limited reply; it belongs on 429 and 503 only."""
+    if response.status_code not in (429, 503):
+        response.headers.pop("Retry-After", None)
+    return response
+
+
+def _global_rpm() -> str:
+    """RELAY_GLOBAL_RPM as a limit string."""
+    return f"{current_app.config['GLOBAL_RPM']}/minute"
+
+
+def _not_relayed() -> bool:
+    """The global limit counts relayed calls only, not /healthz, /admin or /metrics."""
+    return request.blueprint not in ("openai", "legacy")
+
+
+def make_limiter(app: Flask) -> Limiter:
+    """A flask-limiter for this app, its storage shared by all workers (RELAY_RATELIMIT_*).
+
+    Call it before registering hooks that must run after the limiter's own; the
+    per-key check is a view decorator, so it runs after authentication.
+    """
+    limiter = Limiter(
+        key_func=_client_address,
+        storage_uri=app.config["RATELIMIT_STORAGE_URI"],
+        strategy=app.config["RATELIMIT_STRATEGY"],
+        headers_enabled=True,
+        retry_after="delta-seconds",
+        key_prefix="relay",
+        application_limits=[_global_rpm] if app.config["GLOBAL_RPM"] else None,
+        application_limits_exempt_when=_not_relayed,
+    )
+    limiter.init_app(app)
+    limiter.request_filter(_nothing_to_limit)
+    return limiter
+
+
+def _nothing_to_limit() -> bool:
+    """Skip flask-limiter's whole evaluation when no limit can apply to this request.
+
+    Without a global limit and without an rpm for the calling key there is nothing to
+    count, and the evaluation costs a noticeable share of a relayed call's CPU.
+    """
+    if current_app.config["GLOBAL_RPM"]:
+        return False
+    return g.get("call") is None or _rpm_value() is None
+
+
+def retry_headers(limit: int, reset_at: float, remaining: int = 0) -> dict[str, str]:
+    """Retry-After and X-RateLimit-* headers for a 429 we raise ourselves."""
+    retry_after = max(1, math.ceil(reset_at - time.time()))
+    return {
+        "Retry-After": str(retry_after),
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(int(reset_at)),
+    }
+
+
+def check_unauthenticated(limiter: Limiter) -> None:
+    """Count a call without a valid key against its address; 429 when there are too many.
+
+    This slows down key guessing. The address is the socket peer unless the operator
+    trusts RELAY_PROXY_COUNT proxies, so a forged X-Forwarded-For changes nothing.
+    """
+    per_minute = current_app.config["UNAUTHENTICATED_RPM"]
+    if not per_minute:
+        return
+    item = RateLimitItemPerMinute(per_minute)
+    address = _client_address()
+    if limiter.limiter.hit(item, "relay", "unauthenticated", address):
+        return
+    reset_at, _ = limiter.limiter.get_window_stats(item, "relay", "unauthenticated", address)
+    raise RateLimited(
+        "Too many requests without a valid key from this address; retry later.",
+        headers=retry_headers(per_minute, reset_at),
+    )

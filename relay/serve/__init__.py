@@ -1,0 +1,1 @@
+"""Running the relay: the CLI, `make run`'s launcher, gunicorn's config and worker, the demo."""

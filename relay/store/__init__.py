@@ -1,0 +1,67 @@
+"""The store layer: keys, usage rows and the reports read from them, in one SQLite file.
+
+`Store` is the layer's one entry point; nothing outside `store/` (and `limits/`, which
+keeps its own counters) writes SQL.
+"""
+
+import sqlite3
+import time
+from typing import Any
+
+from relay.call import Call
+from relay.store import queries
+from relay.store.db import Database
+from relay.store.keys import KeyStore
+from relay.store.usage import Prices, Row, UsageRecorder
+
+# What a store raises when its database refuses (locked, read-only, gone).
+StoreError = sqlite3.Error
+
+
+class Store:
+    """Keys, usage and reports on one database file (RELAY_DATABASE)."""
+
+    def __init__(
+        self, path: str, write_timeout: float = 30.0, prices: Prices | None = None
+    ) -> None:
+        self.path = path
+        self.db = Database(path, write_timeout=write_timeout)
+        self.keys = KeyStore(self.db)
+        self.usage = UsageRecorder(self.db, prices)
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema (every worker does it at start; it is idempotent)."""
+        self.db.migrate()
+
+    def record(self, call: Call) -> Row:
+        """Write a finished call's usage row and settle its key (spooled if the file refuses)."""
+        return self.usage.record(call)
+
+    def check_writable(self, timeout: float) -> None:
+        """One tiny write proving the database takes writes; StoreError when it does not."""
+        self.db.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),)
+            ),
+            timeout=timeout,
+        )
+
+    def summarise(self, **filters: Any) -> tuple[list[str], list[list[Any]]]:
+        """Usage summed by day, key and model (or one line per call), filtered."""
+        return queries.summarise(self.db, **filters)
+
+    def daily_totals(self, by: str, since_day: int, key_id: int | None = None) -> list[Row]:
+        """Calls and tokens per UTC day by key or model name."""
+        return queries.daily_totals(self.db, by, since_day, key_id)
+
+    def billing_lines(self, key_id: int, start_ts: float, end_ts: float) -> list[Row]:
+        """One key's tokens and cost per day and model."""
+        return queries.billing_lines(self.db, key_id, start_ts, end_ts)
+
+    def recent_calls(self, limit: int) -> list[Row]:
+        """The newest calls with key and model names."""
+        return queries.recent_calls(self.db, limit)
+
+    def close(self) -> None:
+        """Close this process's connections (tests and CLI commands)."""
+        self.db.close()

@@ -1,0 +1,191 @@
+"""The operator dashboard at /admin: sign-in with RELAY_ADMIN_TOKEN, usage charts, keys, calls."""
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from relay.auth import check_admin_token, verify
+from relay.errors import AdminAuthRequired, RateLimited
+from relay.state import state
+from relay.store.keys import KeyStore, utc_minute
+from relay.web import charts, csrf
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+SESSION_SECONDS = 12 * 3600  # a signed cookie cannot be revoked, so it must also grow old
+RECENT_CALLS = 50
+CHART_DAYS = 30
+# Form fields of the create form and the key columns they set.
+CREATE_FIELDS = (
+    ("quota", "quota_tokens"),
+    ("rpm", "rpm"),
+    ("models", "models"),
+    ("expires", "expires_at"),
+)
+
+
+Page = tuple[str, int, dict[str, str]]
+
+
+def page(
+    template: str, status: int = 200, headers: dict[str, str] | None = None, **context: Any
+) -> Page:
+    """Render one of the dashboard's pages."""
+    return render_template(template, **context), status, headers or {}
+
+
+def _fingerprint(token: str) -> str:
+    """What the session holds instead of the token: changing the token signs everyone out."""
+    secret = str(current_app.secret_key).encode()
+    return hmac.new(secret, b"admin:" + token.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_in() -> bool:
+    """Whether this session signed in with the current token, less than SESSION_SECONDS ago."""
+    token = current_app.config["ADMIN_TOKEN"]
+    held = session.get("admin")
+    started = session.get("signed_in_at")
+    if not token or not isinstance(held, str) or not isinstance(started, int | float):
+        return False
+    fresh = 0 <= time.time() - started < SESSION_SECONDS
+    return fresh and hmac.compare_digest(held, _fingerprint(token))
+
+
+@bp.before_request
+def guard() -> Page | Response | None:
+    """Off without a token; every POST needs the CSRF token; every page but login a session."""
+    if not current_app.config["ADMIN_TOKEN"]:
+        return page("admin_off.html", 404)
+    if request.method == "POST" and not csrf.valid():
+        message = "The form was not sent from this dashboard, or it expired. Reload and try again."
+        return page("message.html", 400, title="Form refused", message=message)
+    if request.endpoint == "admin.login" or signed_in():
+        return None
+    if request.method == "GET":
+        return redirect(url_for("admin.login"))
+    return page("admin_login.html", 401, error="Sign in first.")
+
+
+bp.after_request(csrf.secure_headers)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Page | Response:
+    """The sign-in form; the token travels only in the POST body, never in a URL."""
+    if request.method == "GET":
+        return redirect(url_for("admin.dashboard")) if signed_in() else page("admin_login.html")
+    token = current_app.config["ADMIN_TOKEN"]
+    sent = request.form.get("token", "")
+    try:
+        verify(lambda: check_admin_token(sent, token, "That is not the admin token."))
+    except RateLimited as err:
+        return page("admin_login.html", 429, err.headers, error=err.message)
+    except AdminAuthRequired as err:
+        return page("admin_login.html", 401, error=err.message)
+    session.clear()
+    session["admin"] = _fingerprint(token)
+    session["signed_in_at"] = time.time()
+    csrf.renew()
+    return redirect(url_for("admin.dashboard"))
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """Forget the session."""
+    session.clear()
+    return redirect(url_for("admin.login"))
+
+
+@bp.get("/")
+@bp.get("")
+def dashboard() -> Page:
+    """Charts of the last 30 days, the key table with its forms, and the most recent calls."""
+    store = state().store
+    by_key = charts.daily_usage(store, "key", CHART_DAYS)
+    by_model = charts.daily_usage(store, "model", CHART_DAYS)
+    return page(
+        "admin_dashboard.html",
+        keys=store.keys.all(),
+        key_charts=charts.usage_charts(by_key, "key"),
+        model_charts=charts.usage_charts(by_model, "model"),
+        calls=store.recent_calls(RECENT_CALLS),
+        days=CHART_DAYS,
+        default_rpm=current_app.config["DEFAULT_RPM"],
+    )
+
+
+@bp.post("/keys")
+def create_key() -> Page | Response:
+    """Create a key and show it on this one result page: it is never shown again."""
+    form = request.form
+    settings = {
+        column: form[field].strip()
+        for field, column in CREATE_FIELDS
+        if form.get(field, "").strip()
+    }
+    try:
+        plaintext, record = state().store.keys.create(form.get("name", ""), **settings)
+    except ValueError as exc:
+        flash(f"No key created: {exc}", "error")
+        return redirect(url_for("admin.dashboard"))
+    return page("admin_key_created.html", key=plaintext, record=record)
+
+
+@bp.post("/keys/enable")
+def enable_key() -> Response:
+    """Enable a key by name."""
+    return _change(lambda keys, name: keys.set_enabled(name, True), "enabled")
+
+
+@bp.post("/keys/disable")
+def disable_key() -> Response:
+    """Disable a key by name: its next call is refused in every worker."""
+    return _change(lambda keys, name: keys.set_enabled(name, False), "disabled")
+
+
+@bp.post("/keys/topup")
+def top_up_key() -> Response:
+    """Add tokens to a key's quota."""
+    tokens = request.form.get("tokens", "").strip()
+    if not tokens.isdecimal():
+        flash("A top-up is a whole number of tokens.", "error")
+        return redirect(url_for("admin.dashboard"))
+    return _change(
+        lambda keys, name: keys.top_up(name, int(tokens)), f"topped up by {tokens} tokens"
+    )
+
+
+def _change(apply: Callable[[KeyStore, str], object], done: str) -> Response:
+    """Apply one change to the key named in the form, then back to the dashboard with a note."""
+    name = request.form.get("name", "")
+    try:
+        apply(state().store.keys, name)
+    except (ValueError, LookupError) as exc:
+        flash(f"Key {name!r} not changed: {exc}", "error")
+    else:
+        flash(f"Key {name!r} {done}.", "ok")
+    return redirect(url_for("admin.dashboard"))
+
+
+def init_app(app: Flask) -> None:
+    """Register the pages; the session cookie stays HttpOnly and same-site only."""
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    if not app.config.get("SESSION_COOKIE_SAMESITE"):
+        app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
+    app.add_template_filter(utc_minute, "when")
+    csrf.init_app(app)
+    app.register_blueprint(bp)

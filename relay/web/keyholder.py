@@ -1,0 +1,68 @@
+"""The key holder's page at / and /usage: paste a key, see its quota, limits and daily use."""
+
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, render_template, request
+
+from relay.auth import authenticate, verify
+from relay.errors import InvalidApiKey, RateLimited
+from relay.faces.balance import key_summary
+from relay.state import state
+from relay.web import charts, csrf
+
+bp = Blueprint("keyholder", __name__)
+CHART_DAYS = 30
+TIME_FIELDS = ("created_at", "last_used_at", "expires_at")
+
+
+Page = tuple[str, int, dict[str, str]]
+
+
+def page(status: int = 200, headers: dict[str, str] | None = None, **context: Any) -> Page:
+    """Render the page (the form, plus the key's numbers when a key was accepted)."""
+    return render_template("keyholder.html", **context), status, headers or {}
+
+
+@bp.get("/")
+@bp.get("/usage")
+def form() -> Page:
+    """The form: the key is sent by POST, so it never lands in a URL, a log line or history."""
+    return page()
+
+
+@bp.post("/")
+@bp.post("/usage")
+def lookup() -> Page:
+    """Check the pasted key and show its own numbers; nothing about any other key."""
+    key = request.form.get("key", "").strip()
+    store = state().store
+    try:
+        # The page must not become a fast way to guess keys: failures count like bad keys.
+        record = verify(lambda: authenticate(store.keys, key or None))
+    except RateLimited as limited:
+        return page(429, limited.headers, error=limited.message)
+    except InvalidApiKey as err:
+        reason = err.message if key else "Paste your relay key into the field first."
+        return page(401, error=reason)
+    summary = key_summary(record, current_app.config["DEFAULT_RPM"])
+    for field in TIME_FIELDS:
+        if summary[field]:
+            summary[field] = summary[field][:16].replace("T", " ")
+    usage = charts.daily_usage(store, "model", CHART_DAYS, key_id=record.id)
+    return page(
+        summary=summary,
+        key_charts=charts.usage_charts(usage, "model"),
+        totals={
+            "tokens": sum(map(sum, usage.tokens.values())),
+            "calls": sum(map(sum, usage.calls.values())),
+        },
+        days=CHART_DAYS,
+    )
+
+
+bp.after_request(csrf.secure_headers)
+
+
+def init_app(app: Flask) -> None:
+    """Register the page."""
+    app.register_blueprint(bp)
