@@ -20,8 +20,7 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	tests/install-system-deps.sh
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
+	$(MAKE) lint
 	$(PYTHON) -m pytest
 	$(MAKE) bench-smoke
 
@@ -31,6 +30,7 @@ bench-smoke: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 format: $(VENV)/.dev
 	$(PYTHON) -m ruff format .

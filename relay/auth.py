@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from werkzeug.datastructures import Headers
+
 from relay.call import KeyRecord
 from relay.errors import AdminAuthRequired, InvalidApiKey
 from relay.limits import count_unauthenticated
@@ -19,6 +21,7 @@ BODY_KEY_FIELD = "api_secret_key"
 KEY_HEADERS = ("api-key", "x-api-key")
 MAX_KEY_LENGTH = 512
 T = TypeVar("T")
+HeaderSource = Headers | Mapping[str, str]
 
 
 def verify(check: Callable[[], T]) -> T:
@@ -33,7 +36,7 @@ def verify(check: Callable[[], T]) -> T:
         raise
 
 
-def find_client_key(headers: Mapping[str, str], body: Any) -> str | None:
+def find_client_key(headers: HeaderSource, body: Any) -> str | None:
     """Return the key from Authorization: Bearer, the body field, or api-key headers (or None)."""
     token = bearer_token(headers)
     if token:
@@ -82,7 +85,7 @@ def authenticate(store: KeyStore, key: str | None) -> KeyRecord:
     return record
 
 
-def bearer_token(headers: Mapping[str, str]) -> str:
+def bearer_token(headers: HeaderSource) -> str:
     """The token of `Authorization: Bearer <token>`, or ""."""
     scheme, _, sent = headers.get("Authorization", "").strip().partition(" ")
     return sent.strip() if scheme.lower() == "bearer" else ""

@@ -2,9 +2,14 @@
 
 import os
 import runpy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import dotenv
+
+if TYPE_CHECKING:  # typing only: gunicorn's master imports this module without Flask
+    from flask import Flask
 
 ENV_PREFIX = "RELAY"
 MIB = 1024 * 1024
@@ -73,24 +78,28 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message is one sentence for the operator."""
 
 
-def load_dotenv_file(path=".env"):
+def load_dotenv_file(path: str = ".env") -> None:
     """Load `.env` from the working directory into os.environ, never overriding real variables."""
     if os.path.isfile(path):
         dotenv.load_dotenv(path, override=False)
 
 
-def default_instance_path():
+def default_instance_path() -> str:
     """`instance/` beside the `relay` package, as Flask computes it for the app."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "instance")
 
 
-def load_settings(instance_path, test_config=None, environ=None):
+def load_settings(
+    instance_path: str,
+    test_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Settings from defaults, instance/config.py, RELAY_* variables and test overrides, checked.
 
     Plain dict work with no Flask import, so gunicorn's master can check the
     configuration before forking without importing ssl ahead of gevent's patching.
     """
-    settings = dict(DEFAULTS)
+    settings: dict[str, Any] = dict(DEFAULTS)
     if test_config is None:
         instance_file = os.path.join(instance_path, "config.py")
         if os.path.isfile(instance_file):
@@ -108,15 +117,15 @@ def load_settings(instance_path, test_config=None, environ=None):
     return settings
 
 
-def configure(app, test_config=None):
+def configure(app: "Flask", test_config: Mapping[str, Any] | None = None) -> None:
     """Fill app.config with the checked settings."""
     app.config.update(load_settings(app.instance_path, test_config))
 
 
-def check(config, instance_path):
+def check(config: dict[str, Any], instance_path: str) -> None:
     """Convert and validate every setting in place; raise ConfigError with one clear sentence."""
-    for name, (low, high) in INT_SETTINGS.items():
-        config[name] = _as_number(name, config[name], int, low, high)
+    for name, (int_low, int_high) in INT_SETTINGS.items():
+        config[name] = _as_number(name, config[name], int, int_low, int_high)
     for name, (low, high) in FLOAT_SETTINGS.items():
         config[name] = _as_number(name, config[name], float, low, high)
     for name in BOOL_SETTINGS:
@@ -156,7 +165,7 @@ def check(config, instance_path):
         config["SECRET_KEY"] = "relay-session:" + (config["ADMIN_TOKEN"] or os.urandom(16).hex())
 
 
-def check_base_url(name, value):
+def check_base_url(name: str, value: object) -> str:
     """Return an http(s) base URL without its trailing slash, or raise ConfigError."""
     parts = urlsplit(str(value).strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -170,7 +179,7 @@ def check_base_url(name, value):
     return str(value).strip().rstrip("/")
 
 
-def parse_aliases(value):
+def parse_aliases(value: object) -> dict[str, str]:
     """Parse `alias=model,alias2=model2` (or a dict) into a dict; ConfigError when malformed."""
     if isinstance(value, dict):
         return {str(k).strip(): str(v).strip() for k, v in value.items()}
@@ -188,7 +197,7 @@ def parse_aliases(value):
     return aliases
 
 
-def parse_prices(value):
+def parse_prices(value: object) -> dict[str, tuple[float, float]]:
     """Parse `model=prompt:completion,...` (prices per 1000 tokens) into {model: (p, c)}."""
     if not value:
         return {}
@@ -210,7 +219,9 @@ def parse_prices(value):
     return prices
 
 
-def _as_number(name, value, kind, low, high):
+def _as_number(
+    name: str, value: Any, kind: type[int] | type[float], low: float, high: float | None
+) -> int | float | None:
     """Convert one numeric setting, keeping None for unset optional limits."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         if DEFAULTS[name] is None:
@@ -226,7 +237,7 @@ def _as_number(name, value, kind, low, high):
     return number
 
 
-def _as_bool(name, value):
+def _as_bool(name: str, value: object) -> bool:
     """Convert on/off style settings to bool."""
     if isinstance(value, bool):
         return value

@@ -3,6 +3,7 @@
 import gc
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
 SECRETS_SEEN = {UPSTREAM_KEY}
 CAPTURED_REPLIES = []
 CAPTURED_LOG_FILES = []
+# gunicorn_conf's post_worker_init logs this once a worker has loaded the app.
+WORKER_READY = re.compile(r"relay worker (\d+) ready")
 
 
 class _LogCapture(logging.Handler):
@@ -94,6 +97,22 @@ def _recording_send(self, request, **kwargs):
 
 
 requests.Session.send = _recording_send
+# A developer's shell may carry RELAY_* settings (or a metrics directory) for their own
+# relay: the in-process apps of the tests must not pick them up.
+for _name in [n for n in os.environ if n.startswith("RELAY_") or n == "PROMETHEUS_MULTIPROC_DIR"]:
+    del os.environ[_name]
+
+AUDIT_MODULE = "test_secrets_audit.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests that start servers (`-m "not server"` is the fast loop); audit last."""
+    for item in items:
+        if "relay_server" in item.fixturenames:
+            item.add_marker(pytest.mark.server)
+    # The audit reads what every other test made the relay say, so it must come last,
+    # whatever its name sorts as and whichever tests were selected.
+    items.sort(key=lambda item: item.path.name == AUDIT_MODULE)
 
 
 @pytest.fixture
@@ -183,17 +202,14 @@ class RelayServer:
     """The relay under real gunicorn (the Procfile's command) in a subprocess."""
 
     def __init__(self, tmp_path, env, workers=2, worker_class="gevent"):
-        self.port = free_port()
         self.tmp_path = tmp_path
+        self.workers = workers
         self.db_path = env.get("RELAY_DATABASE") or str(tmp_path / "relay.sqlite")
-        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        CAPTURED_LOG_FILES.append(self.log_path)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
             "RELAY_DATABASE": self.db_path,
             "RELAY_RATELIMIT_STORAGE_URI": f"sqlite:///{tmp_path / 'ratelimit.sqlite'}",
             "RELAY_UNAUTHENTICATED_RPM": "1000",
-            "PORT": str(self.port),
             "RELAY_BIND": "127.0.0.1",
             "WEB_CONCURRENCY": str(workers),
             "GUNICORN_CMD_ARGS": "--graceful-timeout 5",
@@ -201,35 +217,77 @@ class RelayServer:
         }
         self.worker_class = worker_class
         self.process = None
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = None
+        self._use_port(free_port())
+
+    def _use_port(self, port):
+        """Listen on `port` (a fresh log file for each try)."""
+        self.port = port
+        self.env["PORT"] = str(port)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = self.tmp_path / f"gunicorn-{port}.log"
+        CAPTURED_LOG_FILES.append(self.log_path)
 
     def command(self):
         """The Procfile's web command, as the operator would run it."""
         bindir = os.path.dirname(sys.executable)
         return f"exec {bindir}/{procfile_command()}"
 
-    def start(self, timeout=20.0):
-        """Start gunicorn and wait for /healthz."""
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            ["/bin/sh", "-c", self.command()],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def start(self, timeout=30.0, tries=3):
+        """Start gunicorn; return once it listens on our port and every worker is ready.
+
+        The port is picked free, but another process may take it before gunicorn binds:
+        then gunicorn exits saying so, and the next try uses another port.
+        """
+        for attempt in range(tries):
+            if attempt:
+                self._use_port(free_port())
+            self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+            self.process = subprocess.Popen(
+                ["/bin/sh", "-c", self.command()],
+                cwd=ROOT,
+                env=self.env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            if self._wait_ready(timeout):
+                return self
+            self.log.close()
+        raise RuntimeError(f"gunicorn could not bind a free port:\n{self.output()}")
+
+    def _wait_ready(self, timeout):
+        """True once our master listens on our port and all workers loaded the app.
+
+        False when the port was taken; any other failure raises with gunicorn's output.
+        """
+        listening = f"Listening at: http://127.0.0.1:{self.port} ({self.process.pid})"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            output = self.output()
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited early:\n{self.output()}")
-            try:
-                if requests.get(self.base_url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not become healthy:\n{self.output()}")
+                if "Address already in use" in output or "Connection in use" in output:
+                    return False
+                raise RuntimeError(f"gunicorn exited early:\n{output}")
+            if listening in output and len(self.ready_workers()) >= self.workers:
+                return True
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not get ready in {timeout:g} s:\n{self.output()}")
+
+    def ready_workers(self):
+        """PIDs of the current workers that have loaded the app (gunicorn_conf logs each)."""
+        ready = {int(pid) for pid in WORKER_READY.findall(self.output())}
+        return sorted(ready & set(self.worker_pids()))
+
+    def wait_workers(self, timeout=30.0, gone=()):
+        """Wait until `workers` workers are ready again (after one was killed, say)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = self.ready_workers()
+            if len(ready) >= self.workers and not set(ready) & set(gone):
+                return ready
+            time.sleep(0.05)
+        raise RuntimeError(f"workers did not come back in {timeout:g} s:\n{self.output()}")
 
     def worker_pids(self):
         """PIDs of the gunicorn workers (children of the master)."""
@@ -240,8 +298,7 @@ class RelayServer:
 
     def output(self):
         """Everything gunicorn and the relay logged so far."""
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self):
         """Stop gunicorn gracefully (then forcefully)."""
@@ -253,7 +310,8 @@ class RelayServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
     def flask(self, *args):
         """Run `flask --app app ...` against this server's database."""

@@ -346,7 +346,7 @@ def served_by_one_worker(server, paused, action):
 def test_metrics_add_up_every_gunicorn_worker(relay_server, fake):
     server = relay_server(workers=2, RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
     key = server.create_key("metrics-key")
-    workers = server.worker_pids()
+    workers = server.ready_workers()  # start() returns once both have loaded the app
     assert len(workers) == 2
     url = server.base_url + "/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}

@@ -62,6 +62,7 @@ def test_bad_config_is_one_sentence(tmp_path, env, phrase):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.server
 def test_gunicorn_refuses_to_start_with_one_sentence(tmp_path):
     port = free_port()
     server = RelayServer(tmp_path, {})

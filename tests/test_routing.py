@@ -178,3 +178,17 @@ def test_bad_upstreams_file_is_one_sentence(tmp_path, fake):
     ):
         with pytest.raises(ConfigError, match=phrase):
             make_app(tmp_path, fake, text)
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1", "/index.php/api/v1"])
+def test_model_list_follows_the_allow_list_on_every_face(app, client, make_key, prefix):
+    limited = make_key("only-gpt-4o", models="gpt-4o")
+    reply = client.get(f"{prefix}/models", headers=auth(limited))
+    assert reply.status_code == 200
+    ids = [m["id"] for m in reply.get_json()["data"]]
+    aliases = app.config["MODEL_ALIASES"]
+    assert "gpt-4o" in ids and {aliases.get(i, i) for i in ids} == {"gpt-4o"}
+    everything = client.get(f"{prefix}/models", headers=auth(make_key("all-models")))
+    assert len(everything.get_json()["data"]) > 1
+    if prefix != "/v1":
+        assert (reply.get_json()["code"], reply.get_json()["msg"]) == (0, "")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from conftest import ROOT, auth, free_port
 
@@ -37,6 +38,7 @@ def test_usage_summary_by_key_model_day(client, runner, make_key, fake):
     assert alice not in result.output and alice not in "".join(per_call)
 
 
+@pytest.mark.server
 def test_make_run_demo_mode_answers_at_once(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}

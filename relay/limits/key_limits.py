@@ -62,6 +62,7 @@ class KeyLimits:
         if call.lease is not None:
             lease, call.lease = call.lease, None
             self.inflight.release(lease)
-        if call.key is not None and self._tpm(call.key) and call.usage.total > 0:
-            item = RateLimitItemPerMinute(self._tpm(call.key))
+        tpm = self._tpm(call.key) if call.key is not None else None
+        if call.key is not None and tpm and call.usage.total > 0:
+            item = RateLimitItemPerMinute(tpm)
             self.tokens.hit(item, "relay", "tpm", str(call.key.id), cost=call.usage.total)

@@ -37,7 +37,8 @@ def _rpm_value() -> int | None:
     call = g.get("call")
     if call is None or call.key is None:
         return None
-    return call.key.rpm or current_app.config["DEFAULT_RPM"]
+    rpm: int | None = call.key.rpm or current_app.config["DEFAULT_RPM"]
+    return rpm
 
 
 def _no_key_rpm() -> bool:

@@ -2,6 +2,7 @@
 
 import sqlite3
 import time
+from typing import Any
 
 from limits.storage import MovingWindowSupport, Storage
 
@@ -19,7 +20,7 @@ class SQLiteStorage(Storage, MovingWindowSupport):
 
     STORAGE_SCHEME = ["sqlite"]  # noqa: RUF012 - limits reads this class attribute
 
-    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: object) -> None:
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: Any) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         path = uri.split("://", 1)[1]
         self.db = Database(path, write_timeout=5.0, synchronous="OFF")
@@ -53,7 +54,7 @@ class SQLiteStorage(Storage, MovingWindowSupport):
                 (key, amount, now + expiry, now),
             ).fetchone()
         )
-        return row[0]
+        return int(row[0])
 
     def decr(self, key: str, amount: int = 1) -> int:
         """Take from a counter (never below zero)."""

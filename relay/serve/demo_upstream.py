@@ -8,22 +8,30 @@ import json
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from relay.tokens import estimate_tokens, prompt_text
 
 DEMO_MODELS = ["gpt-3.5-turbo", "gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]
 DEMO_NOTICE = "[demo upstream] "
+StartResponse = Callable[..., Any]
 
 
 class DemoUpstream:
     """A WSGI app answering chat, completions (both streaming), embeddings and models."""
 
-    def __init__(self, chunks=8, chunk_delay=0.05, sleep=time.sleep):
+    def __init__(
+        self,
+        chunks: int = 8,
+        chunk_delay: float = 0.05,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.chunks = max(1, chunks)
         self.chunk_delay = chunk_delay
         self.sleep = sleep
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Route one request."""
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
@@ -53,7 +61,7 @@ class DemoUpstream:
         return self._json(start_response, 404, _error(f"Unknown path {path}.", "not_found"))
 
     @staticmethod
-    def _json(start_response, status, payload):
+    def _json(start_response: StartResponse, status: int, payload: object) -> list[bytes]:
         """Send a JSON reply."""
         data = json.dumps(payload, ensure_ascii=False).encode()
         start_response(
@@ -62,7 +70,7 @@ class DemoUpstream:
         )
         return [data]
 
-    def _answer(self, body):
+    def _answer(self, body: dict[str, Any]) -> str:
         """The canned answer: says it is a demo and echoes the start of the prompt."""
         asked = prompt_text(body).strip().replace("\n", " ")
         return (
@@ -70,7 +78,9 @@ class DemoUpstream:
             f"You said: {asked[:80]}"
         )
 
-    def _generate(self, start_response, body, chat):
+    def _generate(
+        self, start_response: StartResponse, body: dict[str, Any], chat: bool
+    ) -> Iterable[bytes]:
         """Chat or text completion, whole or streamed in `chunks` pieces."""
         model = body.get("model") or DEMO_MODELS[0]
         text = self._answer(body)
@@ -111,7 +121,15 @@ class DemoUpstream:
         )
         return self._stream(ident, created, model, text, usage if with_usage else None, chat)
 
-    def _stream(self, ident, created, model, text, usage, chat):
+    def _stream(
+        self,
+        ident: str,
+        created: int,
+        model: str,
+        text: str,
+        usage: dict[str, int] | None,
+        chat: bool,
+    ) -> Iterator[bytes]:
         """Yield SSE events with `chunk_delay` between them."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         step = -(-len(text) // self.chunks)
@@ -154,7 +172,7 @@ class DemoUpstream:
             )
         yield b"data: [DONE]\n\n"
 
-    def _embeddings(self, start_response, body):
+    def _embeddings(self, start_response: StartResponse, body: dict[str, Any]) -> list[bytes]:
         """Deterministic little vectors, one per input."""
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
@@ -176,19 +194,19 @@ class DemoUpstream:
         return self._json(start_response, 200, payload)
 
 
-def _event(payload):
+def _event(payload: object) -> bytes:
     """One SSE data event."""
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _error(message, code):
+def _error(message: str, code: str) -> dict[str, Any]:
     """An OpenAI-shaped error body."""
     return {
         "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
     }
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     """Serve the demo upstream with gevent (thousands of concurrent streams are fine)."""
     # Patched only when run as the demo server, never when tests import DemoUpstream.
     from gevent import monkey  # noqa: PLC0415

@@ -57,6 +57,11 @@ def _prepare_metrics_dir() -> None:
     os.environ[METRICS_DIR_ENV] = path
 
 
+def post_worker_init(worker: Any) -> None:
+    """Say when a worker has loaded the app and is about to accept calls (tests wait for it)."""
+    worker.log.info("relay worker %s ready", worker.pid)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """A worker ended: stop counting its streams in the open-streams gauge (a live sum)."""
     if os.environ.get(METRICS_DIR_ENV):

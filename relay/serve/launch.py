@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEMO_KEY_NAME = "demo"
 
 
-def procfile_command():
+def procfile_command() -> str:
     """The `web:` command of the Procfile."""
     with open(os.path.join(ROOT, "Procfile"), encoding="utf-8") as handle:
         for line in handle:
@@ -24,14 +24,15 @@ def procfile_command():
     raise SystemExit("relay: the Procfile has no web: line.")
 
 
-def free_port():
+def free_port() -> int:
     """A free loopback TCP port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
-def wait_for_port(port, timeout=10.0):
+def wait_for_port(port: int, timeout: float = 10.0) -> bool:
     """Wait until something listens on a loopback port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -43,7 +44,7 @@ def wait_for_port(port, timeout=10.0):
     return False
 
 
-def upstream_configured():
+def upstream_configured() -> bool:
     """Whether .env, the environment or instance/ names an upstream."""
     load_dotenv_file()
     return bool(
@@ -53,7 +54,7 @@ def upstream_configured():
     )
 
 
-def start_demo(env):
+def start_demo(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """Start the demo upstream, point the relay at it, and make a fresh demo key."""
     port = free_port()
     demo = subprocess.Popen(
@@ -70,7 +71,7 @@ def start_demo(env):
     return demo, make_demo_key()
 
 
-def make_demo_key():
+def make_demo_key() -> str:
     """Replace the `demo` key in the demo database with a new one and return it."""
     settings = load_settings(default_instance_path())
     store = Store(settings["DATABASE"])
@@ -82,7 +83,7 @@ def make_demo_key():
     return plaintext
 
 
-def banner(key, port):
+def banner(key: str, port: str) -> str:
     """The loud notice that this is the demo, with a ready-to-paste call."""
     line = "=" * 78
     return f"""
@@ -100,10 +101,10 @@ def banner(key, port):
 """
 
 
-def main():
+def main() -> None:
     """Run the relay in the foreground until Ctrl-C."""
     os.chdir(ROOT)
-    env = {}
+    env: dict[str, str] = {}
     demo = None
     if not upstream_configured():
         demo, key = start_demo(env)

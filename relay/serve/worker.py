@@ -20,19 +20,19 @@ class BatchAcceptServer(StreamServer):
     _max_accept = ACCEPT_BATCH
 
     @property
-    def max_accept(self):
+    def max_accept(self) -> int:
         """At least ACCEPT_BATCH, whatever gunicorn sets."""
         return self._max_accept
 
     @max_accept.setter
-    def max_accept(self, value):
+    def max_accept(self, value: int) -> None:
         self._max_accept = max(value, ACCEPT_BATCH)
 
 
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker with BatchAcceptServer listeners."""
 
-    def run(self):
+    def run(self) -> None:
         """Serve as gunicorn does; its run() builds each listener's server by this module name."""
         ggevent.StreamServer = BatchAcceptServer
         super().run()

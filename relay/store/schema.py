@@ -1,11 +1,14 @@
 """The store's schema as named migrations, applied once each and recorded in `_migrations`."""
 
 import time
+from collections.abc import Callable
+
+import sqlite_utils
 
 
-def _keys_and_usage(db):
+def _keys_and_usage(db: sqlite_utils.Database) -> None:
     """Keys (hashes only) and one usage row per finished call."""
-    db["keys"].create(
+    db.table("keys").create(
         {
             "id": int,
             "name": str,
@@ -30,9 +33,9 @@ def _keys_and_usage(db):
         not_null={"name", "key_hash", "created_at", "enabled", "used_tokens", "spent"},
         defaults={"enabled": 1, "used_tokens": 0, "spent": 0.0},
     )
-    db["keys"].create_index(["name"], unique=True)
-    db["keys"].create_index(["key_hash"], unique=True)
-    db["usage"].create(
+    db.table("keys").create_index(["name"], unique=True)
+    db.table("keys").create_index(["key_hash"], unique=True)
+    db.table("usage").create(
         {
             "id": int,
             "ts": float,
@@ -60,22 +63,22 @@ def _keys_and_usage(db):
         },
         pk="id",
     )
-    db["usage"].create_index(["ts"])
-    db["usage"].create_index(["key_id", "ts"])
+    db.table("usage").create_index(["ts"])
+    db.table("usage").create_index(["key_id", "ts"])
 
 
-def _health(db):
+def _health(db: sqlite_utils.Database) -> None:
     """A one-row table /healthz writes to, proving the file takes writes."""
-    db["health"].create({"id": int, "checked_at": float}, pk="id")
+    db.table("health").create({"id": int, "checked_at": float}, pk="id")
 
 
-MIGRATIONS = [
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_keys_and_usage", _keys_and_usage),
     ("0002_health", _health),
 ]
 
 
-def migrate(db):
+def migrate(db: sqlite_utils.Database) -> None:
     """Apply every migration not yet recorded, each in its own transaction."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"

@@ -119,13 +119,15 @@ class UsageRecorder:
 
     def _insert_rows(self, rows: list[Row]) -> None:
         """Insert rows and settle their keys in one transaction."""
-        self.db.write(lambda conn: [self._insert(conn, row) for row in rows])
+        self.db.write(lambda conn: self._insert(conn, rows))
 
-    def _insert(self, conn: sqlite3.Connection, row: Row) -> None:
-        """Insert one row and settle its key, inside the caller's transaction."""
-        conn.execute(INSERT_USAGE, tuple(row[c] for c in USAGE_COLUMNS))
-        if row["key_id"] is not None:
-            conn.execute(SETTLE_KEY, (row["total_tokens"], row["cost"], row["ts"], row["key_id"]))
+    def _insert(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+        """Insert rows and settle their keys, inside the caller's transaction."""
+        for row in rows:
+            conn.execute(INSERT_USAGE, tuple(row[c] for c in USAGE_COLUMNS))
+            if row["key_id"] is not None:
+                settle = (row["total_tokens"], row["cost"], row["ts"], row["key_id"])
+                conn.execute(SETTLE_KEY, settle)
 
     def _spool(self, row: Row) -> None:
         """Append a row to the spool file under an exclusive lock."""

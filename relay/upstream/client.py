@@ -3,12 +3,12 @@
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote
 
 import certifi
 import urllib3
-from urllib3.response import BaseHTTPResponse
+from urllib3.response import BaseHTTPResponse, HTTPResponse
 
 from relay.errors import InvalidRequest
 from relay.upstream.resolver import POOL_CLASSES
@@ -82,7 +82,7 @@ def make_pool(pool_size: int) -> urllib3.PoolManager:
         retries=False,
         ca_certs=certifi.where(),  # the CA bundle requests would use, for https upstreams
     )
-    pool.pool_classes_by_scheme = POOL_CLASSES  # type: ignore[assignment]  # connections that skip needless resolving
+    pool.pool_classes_by_scheme = POOL_CLASSES  # connections that skip needless resolving
     return pool
 
 
@@ -92,7 +92,9 @@ class UpstreamReply:
     __slots__ = ("headers", "raw", "status_code")
 
     def __init__(self, raw: BaseHTTPResponse) -> None:
-        self.raw = raw  # the urllib3 response, body not read yet
+        # The urllib3 response, body not read yet (urlopen without preloading gives an
+        # HTTPResponse: the reads below rely on it).
+        self.raw = cast(HTTPResponse, raw)
         self.status_code = raw.status
         self.headers = raw.headers  # case-insensitive
 

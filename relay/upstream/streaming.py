@@ -1,7 +1,7 @@
 """Streaming replies: bytes go out as they arrive; the call completes however the stream ends."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import urllib3
@@ -59,7 +59,7 @@ class StreamedBody:
         self.environ = environ
         self.sink = sink
         self.client_gone = False
-        self._generator: Iterator[bytes] | None = None
+        self._generator: Generator[bytes, None, None] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         self._generator = self._generate()
@@ -68,7 +68,7 @@ class StreamedBody:
     def close(self) -> None:
         """Called by the WSGI server when the response ends, normally or not."""
         if self._generator is not None:
-            self._generator.close()  # type: ignore[attr-defined]
+            self._generator.close()
         self.reply.close()
         self.finish("client_disconnected")
 
@@ -76,7 +76,7 @@ class StreamedBody:
         """The client left: wake the read blocked on the upstream so the stream ends now."""
         self.client_gone = True
         try:
-            self.reply.raw.shutdown()  # type: ignore[attr-defined]
+            self.reply.raw.shutdown()
         except (ValueError, RuntimeError, OSError):
             self.reply.close()
 
@@ -105,7 +105,7 @@ class StreamedBody:
         while data := raw.read1(65536, decode_content=True):
             yield data
 
-    def _generate(self) -> Iterator[bytes]:
+    def _generate(self) -> Generator[bytes, None, None]:
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
         watch = DisconnectWatch(self.environ, self.hang_up)

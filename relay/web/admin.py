@@ -9,7 +9,6 @@ from typing import Any
 from flask import (
     Blueprint,
     Flask,
-    Response,
     current_app,
     flash,
     redirect,
@@ -18,6 +17,7 @@ from flask import (
     session,
     url_for,
 )
+from werkzeug.wrappers import Response
 
 from relay.auth import check_admin_token, verify
 from relay.errors import AdminAuthRequired, RateLimited

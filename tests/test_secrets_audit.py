@@ -1,4 +1,4 @@
-"""Run last: no client key and no upstream key in any reply or log line the suite produced."""
+"""Last in every run (conftest orders it): no key of any kind in a reply or log line of the run."""
 
 import inspect
 
