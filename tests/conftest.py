@@ -16,6 +16,15 @@ from hypothesis import settings as hypothesis_settings
 sys.path.insert(0, os.path.dirname(__file__))
 
 from fake_upstream import FakeUpstream
+from servers import (  # noqa: F401 - fixtures, registered by being imported here
+    nginx_factory,
+    pg_url,
+    postgres_factory,
+    postgres_server,
+    redis_factory,
+    redis_server,
+    redis_url,
+)
 
 from relay.app import create_app
 from relay.serve.launch import free_port, procfile_command
