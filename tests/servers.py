@@ -19,7 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from relay.launch import free_port
+from relay.serve.launch import free_port
 
 INSTALL_HINT = "tests/install-system-deps.sh installs it"
 _POLL = 0.02  # how often the waits below re-check their condition
