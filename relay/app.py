@@ -12,7 +12,7 @@ from relay.config import ConfigError
 from relay.limits import Limits
 from relay.serve import cli
 from relay.state import EXTENSION, RelayState
-from relay.store import Store, StoreError
+from relay.store import Pricing, Store, StoreError
 from relay.upstream import Upstreams
 from relay.web import admin, health, keyholder, metrics
 
@@ -51,9 +51,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 def open_store(config: dict[str, Any]) -> Store:
     """The store, migrated; ConfigError in one sentence when its file cannot be written."""
-    store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], config["PRICES"])
+    pricing = Pricing(config["PRICES"], config["TOKENS_PER_MONEY"])
+    store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], pricing)
     try:
         store.migrate()
+        store.recover()  # calls of a worker that died (gunicorn starts this one in its place)
     except (StoreError, OSError) as exc:
         raise ConfigError(
             f"RELAY_DATABASE {config['DATABASE']} cannot be opened for writing ({exc})."

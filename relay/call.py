@@ -1,23 +1,28 @@
 """The records that travel between the layers: one call, the key it runs under, its usage."""
 
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 FaceName = Literal["openai", "legacy"]
-UsageSource = Literal["upstream", "estimated", "none"]
+# "replaced": the upstream reported numbers that are not believable; the estimate was used.
+UsageSource = Literal["upstream", "estimated", "replaced", "none"]
 # How a call ended: normally, by a hang-up or a broken upstream, or with one of the relay's
 # own error codes (errors.py) that the client was answered with.
 Outcome = Literal[
     "ok",
     "client_disconnected",
     "upstream_dropped",
+    "worker_lost",
+    "shutdown",
     "upstream_timeout",
     "upstream_error",
     "invalid_request",
     "invalid_api_key",
     "model_not_allowed",
+    "endpoint_not_allowed",
     "not_found",
     "method_not_allowed",
     "request_too_large",
@@ -105,12 +110,14 @@ class KeyRecord:
 
 @dataclass
 class Usage:
-    """A call's tokens and where the numbers came from."""
+    """What a call consumed: tokens (and where the numbers came from), and priced units."""
 
     prompt: int = 0
     completion: int = 0
     total: int = 0
     source: UsageSource = "none"
+    units: float = 0.0  # images, audio seconds or speech characters (see metering.py)
+    unit: str | None = None
 
     def as_openai(self) -> dict[str, int]:
         """The numbers as an OpenAI usage object."""
@@ -142,6 +149,8 @@ class Call:
     end_user: str | None = None
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
+    call_id: str = field(default_factory=lambda: secrets.token_hex(12))  # its usage row's id
+    reserved: bool = False  # an in-flight row (and reservation) exists for this call
     # Filled in while the call runs.
     upstream_name: str | None = None
     upstream_request_id: str | None = None
@@ -164,4 +173,5 @@ class Call:
 
     def set_usage(self, counts: tuple[int, int, int], source: UsageSource) -> None:
         """Store (prompt, completion, total) and where the numbers came from."""
-        self.usage = Usage(counts[0], counts[1], counts[2], source)
+        self.usage.prompt, self.usage.completion, self.usage.total = counts
+        self.usage.source = source

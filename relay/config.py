@@ -8,6 +8,9 @@ from urllib.parse import urlsplit
 
 import dotenv
 
+from relay import metering
+from relay.metering import PriceTable
+
 if TYPE_CHECKING:  # typing only: gunicorn's master imports this module without Flask
     from flask import Flask
 
@@ -42,6 +45,8 @@ DEFAULTS = {
     "STREAM_USAGE": True,
     "STREAM_MAX_PAUSE": 0.25,  # seconds; 0 turns load-adaptive pacing of streams off
     "PRICES": None,  # "model=prompt_per_1k:completion_per_1k,..." for money budgets
+    "TOKENS_PER_MONEY": 500000.0,  # a token quota's charge per 1.0 of a unit-priced call
+    "RESERVE_COMPLETION_TOKENS": 1000,  # reserved for the answer of a call without max_tokens
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
     "SECRET_KEY": None,  # signs admin sessions; default: derived from ADMIN_TOKEN
@@ -60,6 +65,7 @@ INT_SETTINGS = {
     "MAX_BODY_BYTES": (1024, None),
     "UPSTREAM_RETRIES": (0, 10),
     "UPSTREAM_POOL_SIZE": (1, None),
+    "RESERVE_COMPLETION_TOKENS": (0, None),
 }
 FLOAT_SETTINGS = {
     "UPSTREAM_CONNECT_TIMEOUT": (0.05, 600.0),
@@ -68,6 +74,7 @@ FLOAT_SETTINGS = {
     "UPSTREAM_COOLDOWN": (0.0, 86400.0),
     "DB_WRITE_TIMEOUT": (0.1, 3600.0),
     "STREAM_MAX_PAUSE": (0.0, 5.0),
+    "TOKENS_PER_MONEY": (0.0, 1e12),
 }
 BOOL_SETTINGS = ("STREAM_USAGE", "METRICS", "SESSION_COOKIE_SECURE")
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -197,26 +204,15 @@ def parse_aliases(value: object) -> dict[str, str]:
     return aliases
 
 
-def parse_prices(value: object) -> dict[str, tuple[float, float]]:
-    """Parse `model=prompt:completion,...` (prices per 1000 tokens) into {model: (p, c)}."""
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
-    prices = {}
-    for item in str(value).split(","):
-        if not item.strip():
-            continue
-        model, _, rates = item.partition("=")
-        prompt, _, completion = rates.partition(":")
-        try:
-            prices[model.strip()] = (float(prompt), float(completion or prompt))
-        except ValueError:
-            raise ConfigError(
-                f"RELAY_PRICES must look like gpt-4o=0.0025:0.01 (per 1000 tokens); "
-                f"{item.strip()!r} is not."
-            ) from None
-    return prices
+def parse_prices(value: object) -> PriceTable:
+    """Parse RELAY_PRICES (see metering.parse_prices); ConfigError in one sentence when bad."""
+    try:
+        return metering.parse_prices(value)
+    except ValueError as exc:
+        raise ConfigError(
+            "RELAY_PRICES must look like gpt-4o=0.0025:0.01 (per 1000 tokens) or "
+            f"dall-e-3@hd=0.08/image (per image, second or character); {exc} is not."
+        ) from None
 
 
 def _as_number(

@@ -5,6 +5,7 @@
     ├── InvalidApiKey        401 invalid_api_key
     ├── AdminAuthRequired    401 admin_token_required
     ├── ModelNotAllowed      403 model_not_allowed
+    ├── EndpointNotAllowed   403 endpoint_not_allowed
     ├── NotFound             404 not_found
     ├── MethodNotAllowed     405 method_not_allowed
     ├── RequestTooLarge      413 request_too_large
@@ -74,6 +75,12 @@ class ModelNotAllowed(RelayError):
     """The key's allow-list does not include the requested model."""
 
     status, type, code = 403, "invalid_request_error", "model_not_allowed"
+
+
+class EndpointNotAllowed(RelayError):
+    """This key may not call this endpoint (it cannot be billed, or it is account-wide)."""
+
+    status, type, code = 403, "invalid_request_error", "endpoint_not_allowed"
 
 
 class NotFound(RelayError):

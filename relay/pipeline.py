@@ -4,16 +4,34 @@ A face plugs into these steps through its `Face` hooks; the steps are the same f
 """
 
 import io
+import logging
 
 from flask import Response, current_app, g, request
 from werkzeug.formparser import parse_form_data
 
 from relay.auth import authenticate, find_client_key, strip_body_key, verify
-from relay.call import MAX_END_USER, Call
-from relay.errors import InvalidRequest, ModelNotAllowed, QuotaExceeded
+from relay.call import MAX_END_USER, Call, KeyRecord
+from relay.errors import (
+    EndpointNotAllowed,
+    InvalidRequest,
+    ModelNotAllowed,
+    QuotaExceeded,
+    ServiceUnavailable,
+)
 from relay.face import Face
+from relay.metering import (
+    PriceTable,
+    billing_of,
+    implied_model,
+    need_of,
+    unit_of,
+    variant_of,
+)
 from relay.state import state
+from relay.store import Refusal, StoreError
 from relay.upstream import Relayed
+
+log = logging.getLogger("relay")
 
 
 def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
@@ -86,25 +104,95 @@ def multipart_model(call: Call) -> str | None:
 
 
 def admit(call: Call) -> None:
-    """Refuse a call its key may not make: model allow-list, spent quota, key limits."""
+    """Refuse a call its key may not make; else reserve its likely cost against the quota."""
     key = call.key
     if key is None:  # pragma: no cover - open_call authenticates before anything is admitted
         raise InvalidRequest("The call has no key.")
-    if not (key.allows_model(call.model) or key.allows_model(call.model_requested)):
-        raise ModelNotAllowed(
-            f"This key may not use the model {call.model_requested!r}.", param="model"
+    current = state()
+    config = current.config
+    metered = key.quota_tokens is not None or key.budget is not None
+    implied = implied_model(call.path) if call.method == "POST" else None
+    if implied and call.model is None and (metered or key.models is not None):
+        name_the_model(call, implied)
+    check_models(call, key, implied)
+    if metered:
+        check_billable(call, key, config["PRICES"])
+    need = need_of(
+        call, config["PRICES"], config["TOKENS_PER_MONEY"], config["RESERVE_COMPLETION_TOKENS"]
+    )
+    try:
+        refusal = current.store.admit(call, need)
+    except StoreError as exc:
+        if metered:  # its quota cannot be checked: refuse rather than let it run unmetered
+            raise ServiceUnavailable(
+                "The relay's database is not taking writes right now; retry shortly."
+            ) from None
+        log.warning("call admitted without an in-flight row: %s", exc)
+        refusal = None
+    if refusal is not None:
+        raise QuotaExceeded(refusal_message(refusal))
+    current.limits.admit(call)
+
+
+def name_the_model(call: Call, model: str) -> None:
+    """Put the model an endpoint would use by default into the request, so the model that is
+    checked and priced is the one that runs (JSON bodies; uploads are checked as named)."""
+    call.model = call.model_requested = model
+    if isinstance(call.json, dict):
+        call.json["model"] = model
+        call.body_changed = True
+
+
+def check_models(call: Call, key: KeyRecord, implied: str | None) -> None:
+    """The allow-list covers the model a call names, or the one its endpoint implies."""
+    if key.models is None:
+        return
+    if call.path == "batches" and call.method == "POST":
+        raise EndpointNotAllowed(
+            "Batches name their models inside an uploaded file the relay does not read; "
+            "keys with a model allow-list cannot create them."
         )
-    if key.quota_tokens is not None and key.used_tokens >= key.quota_tokens:
-        raise QuotaExceeded(
-            f"This key's token quota is used up ({key.used_tokens} of {key.quota_tokens}). "
-            "Ask the relay's operator for a top-up."
+    asked = call.model or implied
+    if not (key.allows_model(asked) or key.allows_model(call.model_requested)):
+        shown = call.model_requested or f"{implied} (the default of /{call.path})"
+        raise ModelNotAllowed(f"This key may not use the model {shown!r}.", param="model")
+
+
+def check_billable(call: Call, key: KeyRecord, prices: PriceTable) -> None:
+    """A key with a quota or budget may only make calls the relay can measure and price."""
+    billing = billing_of(call.path, call.method)
+    models = (call.model, call.model_requested)
+    reason = None
+    if billing == "unbillable":
+        reason = "spends upstream money the relay cannot measure"
+    elif billing == "units":
+        unit = unit_of(call.path)
+        if unit and prices.unit_price(models, unit, variant_of(call.json)) is None:
+            reason = f"has no price per {unit} for {call.model or 'this model'} (RELAY_PRICES)"
+    elif billing == "tokens" and key.budget is not None and prices.token_rates(*models) is None:
+        reason = f"has no token price for {call.model or 'this model'} (RELAY_PRICES)"
+    if reason:
+        raise EndpointNotAllowed(
+            f"{call.method} /{call.path} {reason}, so keys with a quota or budget cannot call "
+            "it. Ask the relay's operator."
         )
-    if key.budget is not None and key.spent >= key.budget:
-        raise QuotaExceeded(
-            f"This key's budget is spent ({key.spent:.4f} of {key.budget:.4f}). "
-            "Ask the relay's operator for a top-up."
+
+
+def refusal_message(refusal: Refusal) -> str:
+    """Why a call was refused for its quota, with the numbers the key holder needs."""
+    if refusal.what == "budget":
+        return (
+            f"This key's budget is spent: {refusal.used:.4f} of {refusal.limit:.4f} used, "
+            f"{refusal.held:.4f} held by calls in flight, and this call needs at least "
+            f"{refusal.needed:.4f}. Ask the relay's operator for a top-up."
         )
-    state().limits.admit(call)
+    left = max(int(refusal.limit - refusal.used - refusal.held), 0)
+    return (
+        f"This key's token quota is used up: {int(refusal.used)} of {int(refusal.limit)} "
+        f"tokens used and {int(refusal.held)} held by calls in flight leave {left}; this call "
+        f"needs at least {int(refusal.needed)} (its prompt, and max_tokens when it sets one). "
+        "Send a lower max_tokens, or ask the relay's operator for a top-up."
+    )
 
 
 def run(call: Call, face: Face) -> Response:

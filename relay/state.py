@@ -8,6 +8,7 @@ from flask import current_app
 
 from relay.call import Call
 from relay.limits import Limits
+from relay.metering import measure_units
 from relay.store import Store
 from relay.upstream import Upstreams
 
@@ -47,11 +48,16 @@ class RelayState:
         if self.metrics is not None:
             self.metrics.stream_opened(call)
 
+    def progress(self, call: Call, completion_estimate: int) -> None:
+        """A stream got this far: noted in its in-flight row."""
+        self.store.progress(call, completion_estimate)
+
     def complete(self, call: Call) -> None:
         """Finish a call once: its usage row, its limits' release, its metrics."""
         if call.completed:
             return
         call.completed = True
+        measure_units(call, None)  # unit-priced replies that were not JSON (speech, text)
         self.store.record(call)
         _quietly(self.limits.finish, call)
         if self.metrics is not None:

@@ -14,6 +14,7 @@ RANKS = {
     "relay.errors": 0,
     "relay.call": 0,
     "relay.tokens": 0,
+    "relay.metering": 0,
     "relay.runtime": 0,
     "relay.upstreams_file": 0,
     "relay.upstream": 1,

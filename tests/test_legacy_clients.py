@@ -549,11 +549,13 @@ def test_usage_estimated_when_the_upstream_sends_none(legacy, fake):
         "completion_tokens": completion_cn,
         "total_tokens": prompt_cn + completion_cn,
     }
+    # The rows bill the relay's rule, which also counts punctuation and symbols (one each):
+    # "1+100=" 2.6 + 2 -> 5, the reply 6.5 + 1 -> 8; the Chinese reply 9 + 2 marks -> 11.
     rows = usage_rows(server, 2)
     assert [r["usage_source"] for r in rows] == ["estimated", "estimated"]
     assert [(r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]) for r in rows] == [
-        (3, 7, 10),
-        (8, 9, 17),
+        (5, 8, 13),
+        (8, 11, 19),
     ]
 
 

@@ -8,7 +8,7 @@ from conftest import auth
 from relay.errors import InvalidRequest
 from relay.faces.legacy_body import coerce_types, nest
 from relay.faces.legacy_chat import trim_history
-from relay.tokens import estimate_tokens
+from relay.tokens import estimate_tokens, legacy_estimate_tokens
 
 
 def test_nest_builds_php_arrays():
@@ -109,7 +109,23 @@ def test_last_message_limit():
         ("こんにちは", 5),
     ],
 )
-def test_estimate_rule(text, tokens):
+def test_the_old_services_estimate_rule(text, tokens):
+    assert legacy_estimate_tokens(text) == tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("", 0),
+        ("hello world", 3),
+        ("1+100=", 5),  # two words and two symbols
+        ("你好\uff0c世界\uff01", 6),  # full-width punctuation counts too
+        ("😀" * 20000, 20000),  # emoji: one each, never free
+        ("👍🏽 ok", 3),  # a skin-tone modifier is its own symbol
+        ("   \n\t ", 0),
+    ],
+)
+def test_the_relays_estimate_counts_symbols_and_emoji(text, tokens):
     assert estimate_tokens(text) == tokens
 
 

@@ -156,30 +156,73 @@ def test_names_are_resolved_once_per_ttl():
     assert resolver._cache[("localhost", 8080)][0] > time.monotonic()
 
 
-def test_rows_of_calls_ending_together_share_one_commit():
-    batches = []
-    commits = GroupCommit(batches.append, batch=True)
+class CountingDb:
+    """A stand-in for the store's Database: real SQLite in memory, counting transactions."""
+
+    def __init__(self, fail=None):
+        self.conn = sqlite3.connect(":memory:", isolation_level=None)
+        self.conn.execute("CREATE TABLE t (n INTEGER UNIQUE)")
+        self.transactions = 0
+        self.fail = fail
+
+    def write(self, fn):
+        """Run fn in one transaction, as Database.write does (or fail as told)."""
+        self.transactions += 1
+        if self.fail is not None:
+            raise self.fail
+        self.conn.execute("BEGIN IMMEDIATE")
+        result = fn(self.conn)
+        self.conn.execute("COMMIT")
+        return result
+
+    def rows(self):
+        """The values committed so far."""
+        return sorted(n for (n,) in self.conn.execute("SELECT n FROM t"))
+
+
+def insert(number):
+    """An operation: insert one value, return it doubled."""
+    return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (number,)) and number * 2
+
+
+def test_writes_of_calls_ending_together_share_one_commit():
+    db = CountingDb()
+    commits = GroupCommit(db, batch=True)
     finished = []
 
     def call_ends(number):
-        commits.write({"n": number})
-        finished.append(number)  # only after its own row is committed
+        assert commits.run(insert(number)) == number * 2
+        finished.append((number, db.rows()))  # only after its own write is committed
 
     gevent.joinall([gevent.spawn(call_ends, n) for n in range(5)])
-    assert batches == [[{"n": n} for n in range(5)]]
-    assert sorted(finished) == list(range(5))
+    assert db.transactions == 1 and db.rows() == list(range(5))
+    assert all(number in rows for number, rows in finished)
+
+
+def test_one_failing_write_leaves_the_others_of_its_batch_alone():
+    db = CountingDb()
+    commits = GroupCommit(db, batch=True)
+    outcomes = {}
+
+    def call_ends(number):
+        try:
+            outcomes[number] = commits.run(insert(1 if number == 3 else number))  # 3 clashes
+        except sqlite3.IntegrityError:
+            outcomes[number] = "clash"
+
+    gevent.joinall([gevent.spawn(call_ends, n) for n in range(5)])
+    assert outcomes == {0: 0, 1: 2, 2: 4, 3: "clash", 4: 8}
+    assert db.transactions == 1 and db.rows() == [0, 1, 2, 4]
 
 
 def test_a_refused_commit_reaches_every_caller_in_it():
-    def refuse(rows):
-        raise sqlite3.OperationalError("attempt to write a readonly database")
-
-    commits = GroupCommit(refuse, batch=True)
+    db = CountingDb(fail=sqlite3.OperationalError("attempt to write a readonly database"))
+    commits = GroupCommit(db, batch=True)
     errors = []
 
     def call_ends(number):
         try:
-            commits.write({"n": number})
+            commits.run(insert(number))
         except sqlite3.Error as exc:
             errors.append(exc)
 
@@ -188,26 +231,23 @@ def test_a_refused_commit_reaches_every_caller_in_it():
     assert not commits.leading and not commits.queue
 
 
-def test_without_gevent_rows_are_written_one_by_one():
-    batches = []
-    commits = GroupCommit(batches.append, batch=False)
-    commits.write({"n": 1})
-    commits.write({"n": 2})
-    assert batches == [[{"n": 1}], [{"n": 2}]]
+def test_without_gevent_writes_go_one_by_one():
+    db = CountingDb()
+    commits = GroupCommit(db, batch=False)
+    assert commits.run(insert(1)) == 2 and commits.run(insert(2)) == 4
+    assert db.transactions == 2 and db.rows() == [1, 2]
 
 
 def test_callers_are_woken_even_when_the_committing_greenlet_dies():
-    def die(rows):
-        raise RuntimeError("stopped")  # as a kill at shutdown would, mid-write
-
-    commits = GroupCommit(die, batch=True)
+    db = CountingDb(fail=RuntimeError("stopped"))  # as a kill at shutdown would, mid-write
+    commits = GroupCommit(db, batch=True)
     outcomes = []
 
     def call_ends(number):
         try:
-            commits.write({"n": number})
+            commits.run(insert(number))
         except sqlite3.Error:
-            outcomes.append("spool")  # what UsageRecorder does with the row
+            outcomes.append("spool")  # what the usage ledger does with the row
         except RuntimeError:
             outcomes.append("leader died")
 

@@ -8,10 +8,22 @@ from relay.errors import InvalidRequest
 from relay.face import Face
 from relay.faces.legacy_body import drop_multipart_field, multipart_has_files, parse_legacy_body
 from relay.faces.legacy_chat import check_messages, trim_history
-from relay.tokens import GENERATION_PATHS
+from relay.tokens import GENERATION_PATHS, legacy_estimate_tokens, prompt_text, reply_text
 from relay.upstream import Relayed
 
 TRIMMED_HEADER = "X-Relay-Trimmed-Messages"
+
+
+def shown_usage(request: object, reply: dict[str, Any]) -> dict[str, int]:
+    """The usage a legacy client is shown when the upstream sent none: the old service's
+    published rule (CJK characters + words x 1.3); the usage row bills the relay's rule."""
+    prompt = legacy_estimate_tokens(prompt_text(request))
+    completion = legacy_estimate_tokens(reply_text(reply))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 class LegacyFace(Face):
@@ -70,7 +82,7 @@ class LegacyFace(Face):
             wrapped = {"code": call.status, "msg": message or "Upstream error.", "error": error}
         else:
             if call.usage.source == "estimated" and not isinstance(parsed.get("usage"), dict):
-                parsed["usage"] = call.usage.as_openai()
+                parsed["usage"] = shown_usage(call.json, parsed)
             wrapped = self.wrap_own({k: v for k, v in parsed.items() if k not in ("code", "msg")})
         return json.dumps(wrapped, ensure_ascii=False).encode("utf-8")
 

@@ -198,7 +198,7 @@ def enable_key(name: str) -> None:
 @keys_cli.command("delete")
 @click.argument("name")
 def delete_key(name: str) -> None:
-    """Delete a key for good (usage rows are kept)."""
+    """Delete a key: it stops working at once; its calls keep naming it (as `NAME (deleted)`)."""
     _change("delete", name)
     click.echo(f"Deleted key {name!r}.")
 

@@ -9,10 +9,15 @@ import time
 from typing import Any
 
 from relay.call import Call
+from relay.metering import Need, PriceTable
 from relay.store import queries
 from relay.store.db import Database
 from relay.store.keys import KeyStore
-from relay.store.usage import Prices, Row, UsageRecorder
+from relay.store.ledger import Refusal, process_alive
+from relay.store.rows import Pricing, Row
+from relay.store.usage import UsageLedger
+
+__all__ = ["Need", "Pricing", "Refusal", "Store", "StoreError"]
 
 # What a store raises when its database refuses (locked, read-only, gone).
 StoreError = sqlite3.Error
@@ -22,20 +27,33 @@ class Store:
     """Keys, usage and reports on one database file (RELAY_DATABASE)."""
 
     def __init__(
-        self, path: str, write_timeout: float = 30.0, prices: Prices | None = None
+        self, path: str, write_timeout: float = 30.0, pricing: Pricing | None = None
     ) -> None:
         self.path = path
         self.db = Database(path, write_timeout=write_timeout)
         self.keys = KeyStore(self.db)
-        self.usage = UsageRecorder(self.db, prices)
+        self.usage = UsageLedger(self.db, pricing or Pricing(PriceTable(), 0.0))
 
     def migrate(self) -> None:
         """Create or upgrade the schema (every worker does it at start; it is idempotent)."""
         self.db.migrate()
 
+    def admit(self, call: Call, need: Need) -> Refusal | None:
+        """Reserve a call's likely cost against its key's quota and budget; a Refusal when
+        it does not fit (StoreError when the database refuses the write)."""
+        return self.usage.admit(call, need)
+
+    def progress(self, call: Call, completion_estimate: int) -> None:
+        """Note how far a running stream got (for the row left if its worker dies)."""
+        self.usage.progress(call, completion_estimate)
+
     def record(self, call: Call) -> Row:
-        """Write a finished call's usage row and settle its key (spooled if the file refuses)."""
+        """Write a finished call's usage row and charge its key (spooled if the file refuses)."""
         return self.usage.record(call)
+
+    def recover(self) -> int:
+        """Record calls whose worker died mid-way as `worker_lost`; how many there were."""
+        return self.usage.recover(process_alive)
 
     def check_writable(self, timeout: float) -> None:
         """One tiny write proving the database takes writes; StoreError when it does not."""

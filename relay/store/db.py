@@ -52,8 +52,10 @@ class Database:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
+        # Setting a pragma reads the file's header, which a sibling worker may hold locked for
+        # a moment (it is creating the file or switching it to WAL): wait for that too.
+        self._retry_busy(lambda: conn.execute(f"PRAGMA synchronous={self.synchronous}"))
+        self._retry_busy(lambda: conn.execute("PRAGMA foreign_keys=ON"))
         return conn
 
     @property
@@ -93,20 +95,28 @@ class Database:
         Retries sleep with time.sleep, which gevent turns into a cooperative wait,
         so a long lock (a backup, another process) delays this call only.
         """
+        return self._retry_busy(lambda: self._transaction(fn), timeout)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """One attempt: fn inside BEGIN IMMEDIATE … COMMIT, rolled back if anything fails."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _retry_busy(self, step: Callable[[], T], timeout: float | None = None) -> T:
+        """Run a step, retrying while the file is locked, up to the (write) timeout."""
         deadline = time.monotonic() + (self.write_timeout if timeout is None else timeout)
         delay = 0.002
         while True:
-            conn = self.conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                return result
+                return step()
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() + delay > deadline:
                     raise

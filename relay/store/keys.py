@@ -86,7 +86,9 @@ class KeyStore:
         row.update(self._checked(settings))
 
         def insert(conn: sqlite3.Connection) -> int:
-            if conn.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
+            if conn.execute(
+                "SELECT 1 FROM keys WHERE name = ? AND deleted_at IS NULL", (name,)
+            ).fetchone():
                 raise ValueError(f"a key named {name!r} already exists")
             if conn.execute("SELECT 1 FROM keys WHERE key_hash = ?", (row["key_hash"],)).fetchone():
                 raise ValueError("that key string is already in use")
@@ -113,7 +115,7 @@ class KeyStore:
 
     def by_name(self, name: str) -> KeyRecord | None:
         """The record for a name, or None."""
-        row = self.db.query_one("SELECT * FROM keys WHERE name = ?", (name,))
+        row = self.db.query_one("SELECT * FROM keys WHERE name = ? AND deleted_at IS NULL", (name,))
         return KeyRecord.from_row(row) if row else None
 
     def authenticate(self, plaintext: str) -> KeyRecord | None:
@@ -130,7 +132,8 @@ class KeyStore:
 
     def all(self) -> list[KeyRecord]:
         """Every key, oldest first."""
-        return [KeyRecord.from_row(r) for r in self.db.query("SELECT * FROM keys ORDER BY id")]
+        rows = self.db.query("SELECT * FROM keys WHERE deleted_at IS NULL ORDER BY id")
+        return [KeyRecord.from_row(r) for r in rows]
 
     def update(self, name: str, **settings: Any) -> KeyRecord:
         """Change settings of a named key; return the new record."""
@@ -138,13 +141,15 @@ class KeyStore:
         if not values:
             return self._named(name)
         assignments = ", ".join(f"{column} = ?" for column in values)  # checked names only
-        sql = f"UPDATE keys SET {assignments} WHERE name = ?"  # noqa: S608
+        sql = f"UPDATE keys SET {assignments} WHERE name = ? AND deleted_at IS NULL"  # noqa: S608
         return self._change(name, sql, (*values.values(), name))
 
     def set_enabled(self, name: str, enabled: bool) -> KeyRecord:
         """Enable or disable a key; takes effect on the next request in every worker."""
         return self._change(
-            name, "UPDATE keys SET enabled = ? WHERE name = ?", (int(enabled), name)
+            name,
+            "UPDATE keys SET enabled = ? WHERE name = ? AND deleted_at IS NULL",
+            (int(enabled), name),
         )
 
     def top_up(self, name: str, tokens: int) -> KeyRecord:
@@ -154,15 +159,22 @@ class KeyStore:
             raise ValueError("top-up must be a positive number of tokens")
         return self._change(
             name,
-            "UPDATE keys SET quota_tokens = COALESCE(quota_tokens, used_tokens) + ? WHERE name = ?",
+            "UPDATE keys SET quota_tokens = COALESCE(quota_tokens, used_tokens) + ? "
+            "WHERE name = ? AND deleted_at IS NULL",
             (tokens, name),
         )
 
     def delete(self, name: str) -> None:
-        """Delete a key; its usage rows stay for the records."""
-        if self.by_name(name) is None:
+        """Delete a key: it stops working at once; its row stays (no hash) to name its usage.
+
+        Its id is never given to another key (AUTOINCREMENT), and its name is free again.
+        """
+        sql = (
+            "UPDATE keys SET deleted_at = ?, key_hash = NULL, enabled = 0 "
+            "WHERE name = ? AND deleted_at IS NULL"
+        )
+        if not self.db.write(lambda conn: conn.execute(sql, (time.time(), name)).rowcount):
             raise LookupError(f"no key named {name!r}")
-        self.db.write(lambda conn: conn.execute("DELETE FROM keys WHERE name = ?", (name,)))
 
     def _change(self, name: str, sql: str, params: tuple[Any, ...]) -> KeyRecord:
         """Run one UPDATE on a named key and return the fresh record."""

@@ -8,13 +8,15 @@ import datetime as dt
 from typing import Any
 
 from relay.store.db import Database
-from relay.store.usage import USAGE_COLUMNS
+from relay.store.rows import USAGE_COLUMNS
 
 DAY = 86400
 SOURCE = " FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
 # Per-call export: every usage column, with time and key name instead of ts and key_id.
 RAW_COLUMNS = ["time", "key", *(c for c in USAGE_COLUMNS if c not in ("ts", "key_id"))]
-SUMMARY_COLUMNS = ["calls", "prompt", "completion", "total", "cost", "estimated", "errors"]
+SUMMARY_COLUMNS = [
+    "calls", "prompt", "completion", "total", "charged", "cost", "estimated", "errors",
+]  # fmt: skip
 
 
 def model_name(missing: str = "-") -> str:
@@ -23,8 +25,12 @@ def model_name(missing: str = "-") -> str:
 
 
 def key_name(missing: str = "-") -> str:
-    """SQL naming a usage row's key: its name, `#id` once deleted, `missing` for keyless calls."""
-    return f"COALESCE(k.name, CASE WHEN u.key_id IS NULL THEN '{missing}' ELSE '#' || u.key_id END)"
+    """SQL naming a usage row's key: its name (`name (deleted)` for a deleted key), `#id` for
+    a row whose key is gone from older stores, `missing` for keyless calls."""
+    return (
+        "COALESCE(k.name || CASE WHEN k.deleted_at IS NULL THEN '' ELSE ' (deleted)' END, "
+        f"CASE WHEN u.key_id IS NULL THEN '{missing}' ELSE '#' || u.key_id END)"
+    )
 
 
 GROUPS = {
@@ -50,7 +56,7 @@ def _filters(
     clauses: list[str] = []
     params: list[Any] = []
     if key:
-        clauses.append("k.name = ?")
+        clauses.append(f"{key_name()} = ?")  # `alice`, or `alice (deleted)` for her old key
         params.append(key)
     if model:
         clauses.append("(u.model_served = ? OR u.model_requested = ?)")
@@ -89,7 +95,8 @@ def summarise(
     sql = (
         "SELECT " + ", ".join(GROUPS[g] for g in names) + ", COUNT(*) AS calls, "
         "SUM(u.prompt_tokens) AS prompt, SUM(u.completion_tokens) AS completion, "
-        "SUM(u.total_tokens) AS total, ROUND(SUM(u.cost), 6) AS cost, "
+        "SUM(u.total_tokens) AS total, SUM(COALESCE(u.charged_tokens, u.total_tokens)) AS charged, "
+        "ROUND(SUM(u.cost), 6) AS cost, "
         "SUM(u.usage_source = 'estimated') AS estimated, SUM(u.status >= 400) AS errors"
         + SOURCE
         + where
@@ -112,7 +119,7 @@ def daily_totals(
         params.append(key_id)
     sql = (
         f"SELECT CAST(u.ts / {DAY} AS INTEGER) AS day, {names[by]} AS name, "
-        "COUNT(*) AS calls, COALESCE(SUM(u.total_tokens), 0) AS tokens"
+        "COUNT(*) AS calls, COALESCE(SUM(COALESCE(u.charged_tokens, u.total_tokens)), 0) AS tokens"
         f"{SOURCE} WHERE {where} GROUP BY day, name"
     )
     return db.query(sql, params)
@@ -124,7 +131,8 @@ def billing_lines(
     """One key's tokens and cost per UTC day and model, for the billing usage endpoint."""
     return db.query(
         f"SELECT CAST(u.ts / {DAY} AS INTEGER) * {DAY} AS day, {model_name()} AS model, "  # noqa: S608
-        "SUM(u.total_tokens) AS tokens, SUM(u.cost) AS cost FROM usage u "
+        "SUM(COALESCE(u.charged_tokens, u.total_tokens)) AS tokens, SUM(u.cost) AS cost "
+        "FROM usage u "
         "WHERE u.key_id = ? AND u.ts >= ? AND u.ts < ? GROUP BY day, model ORDER BY day, model",
         (key_id, start_ts, end_ts),
     )

@@ -72,9 +72,67 @@ def _health(db: sqlite_utils.Database) -> None:
     db.table("health").create({"id": int, "checked_at": float}, pk="id")
 
 
+KEY_COLUMNS = (
+    "id, name, key_hash, key_hint, created_at, last_used_at, enabled, quota_tokens, "
+    "used_tokens, budget, spent, rpm, tpm, max_concurrent, models, expires_at, quota_period, "
+    "period_started_at"
+)
+
+
+def _keys_never_reused(db: sqlite_utils.Database) -> None:
+    """Key ids from AUTOINCREMENT, never a deleted key's; deleted keys stay as tombstones.
+
+    SQLite reuses the largest rowid once its row is deleted, so a new key could inherit
+    a deleted key's usage rows. The table is rebuilt with AUTOINCREMENT, its counter
+    starts past every id a usage row names, and deleting a key now keeps its row (name,
+    `deleted_at`, no hash) so reports still name whose calls those were.
+    """
+    db.execute(
+        "CREATE TABLE keys_new (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+        "key_hash TEXT, key_hint TEXT, created_at REAL NOT NULL, last_used_at REAL, "
+        "enabled INTEGER NOT NULL DEFAULT 1, quota_tokens INTEGER, "
+        "used_tokens INTEGER NOT NULL DEFAULT 0, budget REAL, spent REAL NOT NULL DEFAULT 0, "
+        "rpm INTEGER, tpm INTEGER, max_concurrent INTEGER, models TEXT, expires_at REAL, "
+        "quota_period TEXT, period_started_at REAL, deleted_at REAL)"
+    )
+    db.execute(f"INSERT INTO keys_new ({KEY_COLUMNS}) SELECT {KEY_COLUMNS} FROM keys")  # noqa: S608
+    db.execute("DROP TABLE keys")
+    db.execute("ALTER TABLE keys_new RENAME TO keys")
+    db.execute("CREATE UNIQUE INDEX keys_live_name ON keys (name) WHERE deleted_at IS NULL")
+    db.execute("CREATE UNIQUE INDEX keys_hash ON keys (key_hash)")
+    top = db.execute(
+        "SELECT MAX(COALESCE((SELECT MAX(id) FROM keys), 0), "
+        "COALESCE((SELECT MAX(key_id) FROM usage), 0))"
+    ).fetchone()[0]
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'keys'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('keys', ?)", [top])
+
+
+def _calls_in_flight(db: sqlite_utils.Database) -> None:
+    """Reservations of calls in flight, and what a usage row needs to name and price a call."""
+    db.execute(
+        "CREATE TABLE inflight (call_id TEXT PRIMARY KEY, key_id INTEGER, "
+        "reserved_tokens INTEGER NOT NULL DEFAULT 0, reserved_cost REAL NOT NULL DEFAULT 0, "
+        "host TEXT NOT NULL, pid INTEGER NOT NULL, started_at REAL NOT NULL, "
+        "updated_at REAL NOT NULL, draft TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX inflight_key ON inflight (key_id)")
+    for column, kind in (
+        ("call_id", "TEXT"),
+        ("units", "REAL"),
+        ("unit", "TEXT"),
+        ("charged_tokens", "INTEGER"),
+    ):
+        db.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
+    db.execute("UPDATE usage SET charged_tokens = total_tokens, units = 0")
+    db.execute("CREATE UNIQUE INDEX usage_call_id ON usage (call_id)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_keys_and_usage", _keys_and_usage),
     ("0002_health", _health),
+    ("0003_keys_never_reused", _keys_never_reused),
+    ("0004_calls_in_flight", _calls_in_flight),
 ]
 
 

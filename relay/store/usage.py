@@ -1,114 +1,66 @@
-"""Usage rows: one per finished call, settled into its key, spooled when the database refuses."""
+"""Usage rows and reservations: admitted calls, their progress, and one usage row per call.
+
+Writes of calls that start or end together share a transaction (GroupCommit). When
+the database cannot take a usage row even after retrying (read-only file, a lock held
+for longer than RELAY_DB_WRITE_TIMEOUT), the row goes to a spool file beside the
+database and is replayed by the next successful write: no row is lost.
+"""
 
 import fcntl
 import json
 import logging
 import os
 import sqlite3
-import time
-from typing import Any
 
 from relay.call import Call
+from relay.store import ledger
 from relay.store.db import Database
 from relay.store.group_commit import GroupCommit
+from relay.store.rows import Pricing, Row, draft_for, lost_row, row_for
 
 log = logging.getLogger("relay.usage")
 
-USAGE_COLUMNS = (
-    "ts",
-    "key_id",
-    "face",
-    "method",
-    "path",
-    "model_requested",
-    "model_served",
-    "upstream",
-    "stream",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "usage_source",
-    "cost",
-    "status",
-    "outcome",
-    "latency_ms",
-    "ttfb_ms",
-    "end_user",
-    "upstream_request_id",
-    "bytes_out",
-    "attempts",
-)
-INSERT_USAGE = (
-    f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "  # noqa: S608 - constant column list
-    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
-)
-SETTLE_KEY = (
-    "UPDATE keys SET used_tokens = used_tokens + ?, spent = spent + ?, last_used_at = ? "
-    "WHERE id = ?"
-)
 
+class UsageLedger:
+    """Reservations at admission, progress of streams, usage rows at the end, recovery."""
 
-Prices = dict[str, tuple[float, float]]  # model -> (prompt, completion) per 1000 tokens
-Row = dict[str, Any]
-
-
-def cost_of(prices: Prices, model: str | None, prompt: int, completion: int) -> float:
-    """Money spent by a call under the price table (per 1000 tokens), 0 when unpriced."""
-    rates = prices.get(model) if model else None
-    if rates is None:
-        return 0.0
-    return (prompt * rates[0] + completion * rates[1]) / 1000.0
-
-
-class UsageRecorder:
-    """Writes usage rows and settles key counters: one short transaction per call, or per
-    burst of calls ending together (GroupCommit).
-
-    When the database cannot take the row even after retrying (read-only file, a
-    lock held for longer than RELAY_DB_WRITE_TIMEOUT), the row goes to a spool file
-    beside the database and is replayed by the next successful write: no row is lost.
-    """
-
-    def __init__(self, db: Database, prices: Prices | None = None) -> None:
+    def __init__(self, db: Database, pricing: Pricing) -> None:
         self.db = db
-        self.prices = prices or {}
+        self.pricing = pricing
         self.spool_path = db.path + ".spool.jsonl"
-        self.commits = GroupCommit(self._insert_rows)
+        self.commits = GroupCommit(db)
+        self.host = ledger.host_id()
 
-    def row_for(self, call: Call) -> Row:
-        """The usage row of a finished call."""
-        usage = call.usage
-        prompt, completion, total = usage.prompt, usage.completion, usage.total
-        return {
-            "ts": call.started_wall,
-            "key_id": call.key.id if call.key else None,
-            "face": call.face,
-            "method": call.method,
-            "path": call.path,
-            "model_requested": call.model_requested,
-            "model_served": call.model_served or call.model,
-            "upstream": call.upstream_name,
-            "stream": int(call.stream_requested),
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": total,
-            "usage_source": usage.source,
-            "cost": cost_of(self.prices, call.model_served or call.model, prompt, completion),
-            "status": call.status,
-            "outcome": call.outcome,
-            "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
-            "ttfb_ms": round(call.ttfb * 1000, 3) if call.ttfb is not None else None,
-            "end_user": call.end_user,
-            "upstream_request_id": call.upstream_request_id,
-            "bytes_out": call.bytes_out,
-            "attempts": call.attempts,
-        }
+    def admit(self, call: Call, need: ledger.Need) -> ledger.Refusal | None:
+        """Reserve a call's likely cost against its key; a Refusal when it does not fit.
+
+        Raises sqlite3.Error when the database does not take the write.
+        """
+        if call.key is None:
+            return None
+        draft = draft_for(call)
+        key_id = call.key.id
+        refusal = self.commits.run(
+            lambda conn: ledger.admit(conn, call.call_id, key_id, need, draft, self.host)
+        )
+        call.reserved = refusal is None
+        return refusal
+
+    def progress(self, call: Call, completion_estimate: int) -> None:
+        """Note a running stream's progress (best effort: a refusing database is skipped)."""
+        if not call.reserved:
+            return
+        draft = draft_for(call, completion_estimate)
+        try:
+            self.commits.run(lambda conn: ledger.progress(conn, call.call_id, draft))
+        except sqlite3.Error as exc:
+            log.warning("stream progress not noted: %s", exc)
 
     def record(self, call: Call) -> Row:
-        """Write the call's row and add its tokens to the key; never raises to the client."""
-        row = self.row_for(call)
+        """Write the call's row and charge its key; never raises to the client."""
+        row = row_for(call, self.pricing)
         try:
-            self.commits.write(row)
+            self.commits.run(lambda conn: ledger.settle(conn, row))
         except sqlite3.Error as exc:
             log.error("usage row spooled, database unavailable: %s", exc)
             self._spool(row)
@@ -117,17 +69,19 @@ class UsageRecorder:
             self.replay_spool()
         return row
 
-    def _insert_rows(self, rows: list[Row]) -> None:
-        """Insert rows and settle their keys in one transaction."""
-        self.db.write(lambda conn: self._insert(conn, rows))
+    def recover(self, alive: "ledger.Alive") -> int:
+        """Turn in-flight rows of dead workers into `worker_lost` usage rows; how many."""
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
-        """Insert rows and settle their keys, inside the caller's transaction."""
-        for row in rows:
-            conn.execute(INSERT_USAGE, tuple(row[c] for c in USAGE_COLUMNS))
-            if row["key_id"] is not None:
-                settle = (row["total_tokens"], row["cost"], row["ts"], row["key_id"])
-                conn.execute(SETTLE_KEY, settle)
+        def recover_all(conn: sqlite3.Connection) -> int:
+            lost = ledger.lost_rows(conn, self.host, alive)
+            for draft, last_seen in lost:
+                ledger.settle(conn, lost_row(draft, last_seen, self.pricing))
+            return len(lost)
+
+        count = self.db.write(recover_all)
+        if count:
+            log.warning("recorded %d calls whose worker died as worker_lost", count)
+        return count
 
     def _spool(self, row: Row) -> None:
         """Append a row to the spool file under an exclusive lock."""
@@ -149,13 +103,28 @@ class UsageRecorder:
             rows = [json.loads(line) for line in spool if line.strip()]
             if rows:
                 try:
-                    self._insert_rows(rows)
+                    self.db.write(lambda conn: _settle_all(conn, rows))
                 except sqlite3.Error:
                     return 0
             # Truncate, never unlink: a writer may already hold the file open, waiting to lock it.
             spool.truncate(0)
         log.info("replayed %d spooled usage rows", len(rows))
         return len(rows)
+
+
+def _settle_all(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Settle spooled rows in one transaction."""
+    for row in rows:
+        ledger.settle(conn, _complete(row))
+
+
+def _complete(row: Row) -> Row:
+    """A spooled row with the columns older spools lack."""
+    row.setdefault("call_id", None)
+    row.setdefault("units", 0.0)
+    row.setdefault("unit", None)
+    row.setdefault("charged_tokens", row.get("total_tokens") or 0)
+    return row
 
 
 def _nonempty(path: str) -> bool:

@@ -37,6 +37,9 @@ class CallSink(Protocol):
     def stream_opened(self, call: Call) -> None:
         """A streamed reply started."""
 
+    def progress(self, call: Call, completion_estimate: int) -> None:
+        """A stream got this far (noted for the row left if the worker dies)."""
+
     def complete(self, call: Call) -> None:
         """The call ended: record its usage row and release what it held."""
 

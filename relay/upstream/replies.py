@@ -11,11 +11,13 @@ from urllib3.exceptions import ReadTimeoutError
 
 from relay.call import Call
 from relay.errors import UpstreamError, UpstreamTimeout
-from relay.tokens import GENERATION_PATHS, estimate_usage, read_usage, reply_text
+from relay.metering import measure_units, unit_of
+from relay.tokens import GENERATION_PATHS, reply_text
 from relay.upstream import sse
 from relay.upstream.client import UpstreamReply, response_headers
 from relay.upstream.routing import Target
 from relay.upstream.streaming import streamed_reply
+from relay.upstream.usage import take_usage
 
 if TYPE_CHECKING:  # the entry point imports this module; typing only
     from relay.upstream import Upstreams
@@ -87,7 +89,7 @@ def json_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
     call.mark_first_byte()
     relayed = Relayed(reply.status_code, response_headers(reply.headers), _redact(raw, target))
     generation = call.path in GENERATION_PATHS
-    if generation or b'"usage"' in raw:
+    if generation or b'"usage"' in raw or unit_of(call.path):
         parsed = relayed.json()
         if parsed is not None:
             settle_json_usage(call, parsed, generation)
@@ -98,11 +100,10 @@ def settle_json_usage(call: Call, parsed: dict[str, Any], generation: bool) -> N
     """Set the call's tokens from a parsed reply, estimating for generations without usage."""
     if isinstance(parsed.get("model"), str):
         call.model_served = parsed["model"]
-    usage = read_usage(parsed.get("usage"))
-    if usage:
-        call.set_usage(usage, "upstream")
-    elif generation:
-        call.set_usage(estimate_usage(call.json, reply_text(parsed)), "estimated")
+    take_usage(
+        call, parsed.get("usage"), generation, text=reply_text(parsed) if generation else None
+    )
+    measure_units(call, parsed)
 
 
 def error_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:

@@ -9,12 +9,15 @@ from relay.tokens import estimate_tokens
 
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Generated text inside chunks; only kept so usage can be estimated when none arrives.
+# Upstreams write `"content":"…"` or `"content": "…"`: white space around the colon is fine.
 TEXT_FIELD = re.compile(
-    rb'"(?:content|text|arguments|reasoning_content|refusal|delta)":"((?:[^"\\]|\\.)*)"'
+    rb'"(?:content|text|arguments|reasoning_content|refusal|delta)"\s*:\s*"((?:[^"\\]|\\.)*)"'
 )
-USAGE_MARK = b'"usage":'
-NULL_USAGE = (b'"usage":null', b'"usage": null')
-DONE = b"data: [DONE]"
+USAGE_MARK = re.compile(rb'"usage"\s*:')
+NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+# The stream's end is an event whose data is exactly [DONE]; these bytes inside generated
+# text (JSON-escaped in a chunk's data) are not it.
+DONE_MARK = b"[DONE]"
 # Captured text is folded into a running token estimate this often, so a very long
 # stream keeps a few kilobytes, not every piece it ever carried.
 FOLD_EVERY = 256
@@ -37,10 +40,12 @@ class EventTap:
         self.text_parts: list[bytes] = []
         self.folded_tokens = 0
         self.saw_text = False
-        self.saw_done = False
+        self.saw_done = False  # the [DONE] event went by: nothing after it is relayed
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from upstream; return the complete events among them (maybe b'')."""
+        if self.saw_done:
+            return b""
         buffer = self.pending + data if self.pending else data
         cut = _last_event_end(buffer)
         if not cut:
@@ -52,20 +57,22 @@ class EventTap:
     def flush(self) -> bytes:
         """Return whatever is left when the upstream closes (an unterminated last event)."""
         rest, self.pending = self.pending, b""
-        return self._inspect(rest) if rest else b""
+        return self._inspect(rest) if rest and not self.saw_done else b""
 
     def _inspect(self, complete: bytes) -> bytes:
-        """Note usage, text and the end marker in complete events; drop our usage chunk."""
-        if DONE in complete:
-            self.saw_done = True
+        """Note usage, text and the end event in complete events; drop our usage chunk."""
+        if DONE_MARK in complete:
+            done_at = _done_event_end(complete)
+            if done_at:
+                complete, self.saw_done = complete[:done_at], True
         found = TEXT_FIELD.findall(complete)
         if found:
             self.saw_text = True
             self.text_parts.extend(found)
             if len(self.text_parts) >= FOLD_EVERY:
                 self._fold()
-        mentions = complete.count(USAGE_MARK)
-        if not mentions or mentions == sum(complete.count(null) for null in NULL_USAGE):
+        mentions = len(USAGE_MARK.findall(complete))
+        if not mentions or mentions == len(NULL_USAGE.findall(complete)):
             return complete  # no usage here, or only the "usage":null of every chunk
         kept: list[bytes] = []
         position = 0
@@ -81,7 +88,7 @@ class EventTap:
 
     def _take_usage(self, event: bytes) -> bool:
         """Record usage found in one event; True when the event should be dropped."""
-        if USAGE_MARK not in event or any(null in event for null in NULL_USAGE):
+        if not USAGE_MARK.search(event) or NULL_USAGE.search(event):
             return False
         payload = event_data(event)
         if payload is None:
@@ -129,6 +136,18 @@ def _last_event_end(buffer: bytes) -> int:
     for last in EVENT_END.finditer(buffer):  # noqa: B007 - only the last one matters
         pass
     return last.end() if last else 0
+
+
+def _done_event_end(buffer: bytes) -> int:
+    """Offset just past the first event whose data is exactly [DONE], or 0 when there is none."""
+    position = 0
+    for end in EVENT_END.finditer(buffer):
+        if event_data(buffer[position : end.start()]) == DONE_MARK:
+            return end.end()
+        position = end.end()
+    if position < len(buffer) and event_data(buffer[position:]) == DONE_MARK:
+        return len(buffer)  # an unterminated last event (flush)
+    return 0
 
 
 def event_data(event: bytes) -> bytes | None:

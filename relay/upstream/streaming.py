@@ -7,17 +7,20 @@ from typing import TYPE_CHECKING, Any
 import urllib3
 
 from relay.call import Call, Outcome
-from relay.tokens import GENERATION_PATHS, estimate_usage, read_usage
+from relay.tokens import GENERATION_PATHS
 from relay.upstream import sse
 from relay.upstream.chunked import chunked_body, finish_chunked
 from relay.upstream.client import UpstreamReply, response_headers
 from relay.upstream.disconnect import DisconnectWatch
+from relay.upstream.usage import take_usage
 
 if TYPE_CHECKING:  # the modules below import this one; typing only
     from relay.upstream import Upstreams
     from relay.upstream.forwarding import CallSink
 
 STREAM_HEADERS = [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
+PROGRESS_EVERY = 10.0  # seconds between notes of a running stream's progress
+MAX_AFTER_DONE = 65536  # bytes read (and dropped) after [DONE] before the upstream is cut
 BROKEN = (urllib3.exceptions.HTTPError, OSError)
 
 
@@ -59,6 +62,7 @@ class StreamedBody:
         self.environ = environ
         self.sink = sink
         self.client_gone = False
+        self.progress_at: float | None = None  # when progress was last noted
         self._generator: Generator[bytes, None, None] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -109,15 +113,25 @@ class StreamedBody:
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
         watch = DisconnectWatch(self.environ, self.hang_up)
+        after_done = 0
         try:
             for data in self._chunks():
+                if tap is not None and tap.saw_done:
+                    # Only the end of the body (its last chunk) should follow; read it so the
+                    # connection can be reused, but relay nothing and read no more than a bit.
+                    after_done += len(data)
+                    if after_done > MAX_AFTER_DONE:
+                        break
+                    continue
                 out = tap.feed(data) if tap is not None else data
                 if not out:
                     continue
-                if tap is not None and tap.saw_done:
-                    self.finish("ok")  # the row exists before the client sees [DONE]
                 call.mark_first_byte()
                 call.bytes_out += len(out)
+                if tap is not None and tap.saw_done:
+                    self.finish("ok")  # the row exists before the client sees [DONE]
+                else:
+                    self._note_progress()
                 yield out
                 pause = pacer.pause()
                 if pause and not (tap is not None and tap.saw_done):
@@ -137,6 +151,16 @@ class StreamedBody:
         finally:
             watch.stop()
             self.reply.close()
+
+    def _note_progress(self) -> None:
+        """At the first byte and then now and then: how far the stream got, for its in-flight
+        row (the row written if this worker dies before the stream ends)."""
+        now = time.monotonic()
+        if self.progress_at is not None and now - self.progress_at < PROGRESS_EVERY:
+            return
+        self.progress_at = now
+        estimate = self.tap.completion_estimate() if self.tap is not None else 0
+        self.sink.progress(self.call, estimate)
 
     def _broken(self, exc: Exception) -> bytes | None:
         """Complete a stream the upstream (or the client) broke; return the error event to send."""
@@ -163,9 +187,5 @@ def settle_stream_usage(call: Call, tap: sse.EventTap) -> None:
     """Tokens of a finished stream: the upstream's usage chunk, else the estimate rule."""
     if tap.model:
         call.model_served = tap.model
-    usage = read_usage(tap.usage)
-    if usage:
-        call.set_usage(usage, "upstream")
-    elif call.path in GENERATION_PATHS or tap.saw_text:
-        estimate = estimate_usage(call.json, completion_tokens=tap.completion_estimate())
-        call.set_usage(estimate, "estimated")
+    generated = call.path in GENERATION_PATHS or tap.saw_text
+    take_usage(call, tap.usage, generated, completion_tokens=tap.completion_estimate)

@@ -1,0 +1,159 @@
+"""Calls in flight: a row per call from admission to its usage row, holding its reservation.
+
+A call reserves its likely cost when it is admitted, in the same transaction that
+checks the key's quota, so parallel calls (in every worker) see each other's
+reservations. A call that states max_tokens is admitted only with room for its prompt
+and all of max_tokens; one that does not is admitted while there is room for its prompt
+and reserves the default or all the room that is left. Once the room is reserved, every
+further call is refused until one settles: the quota is overrun by the calls' errors of
+estimate at most, never by the number of calls in flight. The call's usage row replaces the
+in-flight row when it ends. If its worker dies first, the next worker that starts turns
+the row into a usage row with outcome `worker_lost` (see `lost_rows`).
+"""
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay.metering import Need
+from relay.store.rows import USAGE_COLUMNS, Row
+
+# How long a row of another host may stay in flight before it counts as lost: longer
+# than any call (streams of hours included), short enough to free a dead host's quota.
+FOREIGN_ROW_SECONDS = 6 * 3600
+Alive = Callable[[int], bool]  # whether a process of this machine is still running
+INSERT_USAGE = (
+    f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "  # noqa: S608 - constant column list
+    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (call_id) DO NOTHING"
+)
+REPLACE_USAGE = (
+    f"UPDATE usage SET {', '.join(f'{c} = ?' for c in USAGE_COLUMNS)} "  # noqa: S608
+    "WHERE call_id = ?"
+)
+SETTLE_KEY = (
+    "UPDATE keys SET used_tokens = used_tokens + ?, spent = spent + ?, "
+    "last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call did not fit in its key's quota or budget, with the numbers to show."""
+
+    what: str  # "tokens" or "budget"
+    limit: float
+    used: float
+    held: float  # reserved by the key's calls in flight
+    needed: float  # the least this call needs (its prompt, and max_tokens when it sets one)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine is still running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def host_id() -> str:
+    """This machine and boot: `hostname/boot id` (a process id means nothing elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()[:8]
+    except OSError:
+        boot = "-"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def admit(
+    conn: sqlite3.Connection, call_id: str, key_id: int, need: Need, draft: Row, host: str
+) -> Refusal | None:
+    """Insert the call's in-flight row, reserving what it may use or the room that is left;
+    a Refusal when the key's quota or budget has no room even for its prompt."""
+    key = conn.execute(
+        "SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?", (key_id,)
+    ).fetchone()
+    if key is None:
+        raise LookupError(f"key #{key_id} is gone")
+    quota, used, budget, spent = key[0], key[1], key[2], key[3]
+    tokens, cost = need.tokens, need.cost
+    if quota is not None or budget is not None:
+        held_tokens, held_cost = conn.execute(
+            "SELECT COALESCE(SUM(reserved_tokens), 0), COALESCE(SUM(reserved_cost), 0) "
+            "FROM inflight WHERE key_id = ?",
+            (key_id,),
+        ).fetchone()
+        if quota is not None:
+            room = quota - used - held_tokens
+            if room <= 0 or room < need.least_tokens:
+                return Refusal("tokens", quota, used, held_tokens, need.least_tokens)
+            tokens = min(tokens, room)
+        if budget is not None:
+            money_room = budget - spent - held_cost
+            if money_room <= 0 or money_room < need.least_cost:
+                return Refusal("budget", budget, spent, held_cost, need.least_cost)
+            cost = min(cost, money_room)
+    now = time.time()
+    conn.execute(
+        "INSERT INTO inflight (call_id, key_id, reserved_tokens, reserved_cost, host, pid, "
+        "started_at, updated_at, draft) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (call_id, key_id, tokens, cost, host, os.getpid(), now, now, json.dumps(draft)),
+    )
+    return None
+
+
+def progress(conn: sqlite3.Connection, call_id: str, draft: Row) -> None:
+    """Note what a running call has done so far, for the row written if its worker dies."""
+    conn.execute(
+        "UPDATE inflight SET draft = ?, updated_at = ? WHERE call_id = ?",
+        (json.dumps(draft), time.time(), call_id),
+    )
+
+
+def settle(conn: sqlite3.Connection, row: Row) -> None:
+    """Write a call's usage row, charge its key and end its reservation (idempotent).
+
+    A row already written for the same call (a `worker_lost` row recovered while this
+    one waited in the spool) is replaced, and the key is charged the difference.
+    """
+    values = tuple(row[c] for c in USAGE_COLUMNS)
+    charged, cost = row["charged_tokens"], row["cost"]
+    if conn.execute(INSERT_USAGE, values).rowcount == 0:
+        old = conn.execute(
+            "SELECT charged_tokens, cost FROM usage WHERE call_id = ?", (row["call_id"],)
+        ).fetchone()
+        conn.execute(REPLACE_USAGE, (*values, row["call_id"]))
+        charged, cost = charged - (old[0] or 0), cost - (old[1] or 0.0)
+    if row["key_id"] is not None:
+        conn.execute(SETTLE_KEY, (charged, cost, row["ts"], row["key_id"]))
+    conn.execute("DELETE FROM inflight WHERE call_id = ?", (row["call_id"],))
+
+
+def lost_rows(
+    conn: sqlite3.Connection, host: str, alive: Alive, now: float | None = None
+) -> list[tuple[dict[str, Any], float]]:
+    """(draft, last update) of in-flight rows whose worker is gone: dead on this host, or a
+    row of another host (or an earlier boot of this one) left far longer than any call."""
+    now = time.time() if now is None else now
+    lost = []
+    for owner, pid, updated, draft in conn.execute(
+        "SELECT host, pid, updated_at, draft FROM inflight"
+    ).fetchall():
+        same_machine = owner.partition("/")[0] == host.partition("/")[0]
+        if owner == host:
+            gone = not alive(pid)
+        elif same_machine:
+            gone = True  # written before this machine's last reboot
+        else:
+            gone = now - updated > FOREIGN_ROW_SECONDS
+        if gone:
+            lost.append((json.loads(draft), updated))
+    return lost
