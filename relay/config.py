@@ -2,6 +2,8 @@
 
 import os
 import runpy
+import secrets
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ if TYPE_CHECKING:  # typing only: gunicorn's master imports this module without 
     from flask import Flask
 
 ENV_PREFIX = "RELAY"
+SECRET_FILE = "secret_key"  # noqa: S105 - a file name: the secret is made into it, in instance/
 MIB = 1024 * 1024
 
 # Every setting the relay reads, with its default. README.md documents each one.
@@ -33,6 +36,7 @@ DEFAULTS = {
     "DEFAULT_MAX_CONCURRENT": None,
     "GLOBAL_RPM": None,
     "UNAUTHENTICATED_RPM": 60,
+    "AUTH_BLOCK_SECONDS": 600.0,  # how long an address past UNAUTHENTICATED_RPM waits
     "PROXY_COUNT": 0,
     "LEGACY_MAX_CHARS": 2000,
     "MAX_BODY_BYTES": 32 * MIB,
@@ -49,7 +53,7 @@ DEFAULTS = {
     "RESERVE_COMPLETION_TOKENS": 1000,  # reserved for the answer of a call without max_tokens
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
-    "SECRET_KEY": None,  # signs admin sessions; default: derived from ADMIN_TOKEN
+    "SECRET_KEY": None,  # signs admin sessions; default: random, kept in instance/secret_key
     "SESSION_COOKIE_SECURE": False,  # Flask's own setting: on when served over HTTPS
     "LOG_LEVEL": "INFO",
 }
@@ -75,6 +79,7 @@ FLOAT_SETTINGS = {
     "DB_WRITE_TIMEOUT": (0.1, 3600.0),
     "STREAM_MAX_PAUSE": (0.0, 5.0),
     "TOKENS_PER_MONEY": (0.0, 1e12),
+    "AUTH_BLOCK_SECONDS": (1.0, 86400.0 * 7),
 }
 BOOL_SETTINGS = ("STREAM_USAGE", "METRICS", "SESSION_COOKIE_SECURE")
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -168,8 +173,38 @@ def check(config: dict[str, Any], instance_path: str) -> None:
                 "RELAY_UPSTREAM_API_KEY is not set: put your upstream account's API key in .env."
             )
     if not config["SECRET_KEY"]:
-        # Sessions only matter for /admin, which needs ADMIN_TOKEN anyway.
-        config["SECRET_KEY"] = "relay-session:" + (config["ADMIN_TOKEN"] or os.urandom(16).hex())
+        config["SECRET_KEY"] = instance_secret(instance_path)
+
+
+def instance_secret(instance_path: str) -> str:
+    """The secret that signs admin sessions when RELAY_SECRET_KEY is unset: random, made once
+    into instance/secret_key (0600) and shared by every worker and restart.
+
+    Never derived from the admin token: a session cookie any visitor gets would then let
+    the token be guessed offline.
+    """
+    path = os.path.join(instance_path, SECRET_FILE)
+    try:
+        os.makedirs(instance_path, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # made before, or by a sibling worker just now
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(secrets.token_hex(32))
+        for _ in range(100):  # a sibling that just created it may still be writing it
+            with open(path, encoding="ascii") as handle:
+                secret = handle.read().strip()
+            if len(secret) == 64:
+                return secret
+            time.sleep(0.01)
+    except OSError as exc:
+        raise ConfigError(
+            f"RELAY_SECRET_KEY is not set and {path} cannot be made ({exc.strerror}): "
+            "set RELAY_SECRET_KEY or let the relay write to instance/."
+        ) from None
+    raise ConfigError(f"{path} does not hold a secret; delete it and start again.")
 
 
 def check_base_url(name: str, value: object) -> str:

@@ -123,7 +123,9 @@ def admit(call: Call) -> None:
     try:
         refusal = current.store.admit(call, need)
     except StoreError as exc:
-        if metered:  # its quota cannot be checked: refuse rather than let it run unmetered
+        # A metered key's quota cannot be checked, and with a full disk no call could be
+        # recorded: refuse rather than serve unmetered. Otherwise its row will be spooled.
+        if metered or not current.store.can_record:
             raise ServiceUnavailable(
                 "The relay's database is not taking writes right now; retry shortly."
             ) from None

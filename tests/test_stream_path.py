@@ -163,11 +163,14 @@ class CountingDb:
         self.conn = sqlite3.connect(":memory:", isolation_level=None)
         self.conn.execute("CREATE TABLE t (n INTEGER UNIQUE)")
         self.transactions = 0
+        self.timeouts = []
         self.fail = fail
+        self.write_timeout = 30.0
 
-    def write(self, fn):
+    def write(self, fn, timeout=None):
         """Run fn in one transaction, as Database.write does (or fail as told)."""
         self.transactions += 1
+        self.timeouts.append(timeout)
         if self.fail is not None:
             raise self.fail
         self.conn.execute("BEGIN IMMEDIATE")
@@ -229,6 +232,35 @@ def test_a_refused_commit_reaches_every_caller_in_it():
     gevent.joinall([gevent.spawn(call_ends, n) for n in range(3)])
     assert len(errors) == 3
     assert not commits.leading and not commits.queue
+
+
+def test_a_leader_commits_its_own_batch_only_and_no_caller_waits_past_its_deadline():
+    db = CountingDb()
+    commits = GroupCommit(db, batch=True)
+    order = []
+
+    def slow_write(fn, timeout=None):
+        db.timeouts.append(timeout)
+        db.transactions += 1
+        gevent.sleep(0.05)  # a busy database: later callers queue meanwhile
+        db.conn.execute("BEGIN IMMEDIATE")
+        result = fn(db.conn)
+        db.conn.execute("COMMIT")
+        return result
+
+    db.write = slow_write
+
+    def call_ends(number, delay):
+        gevent.sleep(delay)
+        commits.run(insert(number))
+        order.append((number, db.transactions))
+
+    gevent.joinall(
+        [gevent.spawn(call_ends, 0, 0), *(gevent.spawn(call_ends, n, 0.01) for n in (1, 2))]
+    )
+    assert db.rows() == [0, 1, 2] and db.transactions == 2  # the first, then the other two
+    assert order[0] == (0, 1)  # the first caller returned after its own batch, not both
+    assert all(0 < t <= db.write_timeout for t in db.timeouts)  # each within its deadline
 
 
 def test_without_gevent_writes_go_one_by_one():

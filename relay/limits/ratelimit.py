@@ -7,15 +7,13 @@ from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
-from limits import RateLimitItemPerMinute
 
 import relay.limits.sqlite_storage  # noqa: F401 - registers the sqlite:// storage scheme
-from relay.errors import RateLimited
 
 KEY_RPM_SCOPE = "key-rpm"
 
 
-def _client_address() -> str:
+def client_address() -> str:
     """The caller's address (ProxyFix has already applied RELAY_PROXY_COUNT)."""
     return request.remote_addr or "unknown"
 
@@ -81,7 +79,7 @@ def make_limiter(app: Flask) -> Limiter:
     per-key check is a view decorator, so it runs after authentication.
     """
     limiter = Limiter(
-        key_func=_client_address,
+        key_func=client_address,
         storage_uri=app.config["RATELIMIT_STORAGE_URI"],
         strategy=app.config["RATELIMIT_STRATEGY"],
         headers_enabled=True,
@@ -115,23 +113,3 @@ def retry_headers(limit: int, reset_at: float, remaining: int = 0) -> dict[str, 
         "X-RateLimit-Remaining": str(remaining),
         "X-RateLimit-Reset": str(int(reset_at)),
     }
-
-
-def check_unauthenticated(limiter: Limiter) -> None:
-    """Count a call without a valid key against its address; 429 when there are too many.
-
-    This slows down key guessing. The address is the socket peer unless the operator
-    trusts RELAY_PROXY_COUNT proxies, so a forged X-Forwarded-For changes nothing.
-    """
-    per_minute = current_app.config["UNAUTHENTICATED_RPM"]
-    if not per_minute:
-        return
-    item = RateLimitItemPerMinute(per_minute)
-    address = _client_address()
-    if limiter.limiter.hit(item, "relay", "unauthenticated", address):
-        return
-    reset_at, _ = limiter.limiter.get_window_stats(item, "relay", "unauthenticated", address)
-    raise RateLimited(
-        "Too many requests without a valid key from this address; retry later.",
-        headers=retry_headers(per_minute, reset_at),
-    )

@@ -1,6 +1,7 @@
 """Operator commands: `flask --app app keys ...`, `usage` and `upstreams check`."""
 
 import csv
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -12,6 +13,9 @@ from flask.cli import AppGroup, with_appcontext
 from relay.state import state
 from relay.store.keys import KeyStore, utc_minute
 
+# C0 and C1 control characters and DEL.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 keys_cli = AppGroup("keys", help="Create and manage relay keys.")
 upstreams_cli = AppGroup("upstreams", help="Inspect the configured upstreams.")
 
@@ -165,10 +169,25 @@ def list_keys() -> None:
 
 
 def _print_table(header: list[str], rows: list[list[Any]]) -> None:
-    """Print aligned columns."""
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+    """Print aligned columns, control characters shown escaped (never sent to the terminal)."""
+    cells = [[_printable(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(x) for x in column) for column in zip(*cells, strict=False)]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _printable(value: Any) -> str:
+    """A value as text with control characters escaped: names come from clients and
+    upstreams, and a raw escape sequence would drive the operator's terminal."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula (text starting with = + - @ and
+    the like gets a leading apostrophe); numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
 
 
 def _change(action: str, name: str, *args: Any) -> Any:
@@ -253,7 +272,7 @@ def usage_command(
     if as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([_csv_cell(v) for v in row] for row in rows)
         return
     if not rows:
         click.echo("No usage recorded for that selection.")

@@ -15,6 +15,7 @@ from relay.store.db import Database
 from relay.store.keys import KeyStore
 from relay.store.ledger import Refusal, process_alive
 from relay.store.rows import Pricing, Row
+from relay.store.sessions import SessionStore
 from relay.store.usage import UsageLedger
 
 __all__ = ["Need", "Pricing", "Refusal", "Store", "StoreError"]
@@ -32,6 +33,7 @@ class Store:
         self.path = path
         self.db = Database(path, write_timeout=write_timeout)
         self.keys = KeyStore(self.db)
+        self.sessions = SessionStore(self.db)
         self.usage = UsageLedger(self.db, pricing or Pricing(PriceTable(), 0.0))
 
     def migrate(self) -> None:
@@ -50,6 +52,11 @@ class Store:
     def record(self, call: Call) -> Row:
         """Write a finished call's usage row and charge its key (spooled if the file refuses)."""
         return self.usage.record(call)
+
+    @property
+    def can_record(self) -> bool:
+        """False while usage rows wait in memory: neither the file nor the spool takes them."""
+        return self.usage.can_record
 
     def recover(self) -> int:
         """Record calls whose worker died mid-way as `worker_lost`; how many there were."""

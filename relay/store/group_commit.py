@@ -2,6 +2,7 @@
 
 import functools
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -18,11 +19,13 @@ Op = Callable[[sqlite3.Connection], Any]
 class _Entry(Generic[T]):
     """One caller's operation waiting for the shared commit."""
 
-    __slots__ = ("done", "error", "op", "result")
+    __slots__ = ("deadline", "done", "error", "lead", "op", "result")
 
-    def __init__(self, op: Callable[[sqlite3.Connection], T]) -> None:
+    def __init__(self, op: Callable[[sqlite3.Connection], T], deadline: float) -> None:
         self.op = op
+        self.deadline = deadline  # when this caller stops waiting for the database
         self.done = Event()
+        self.lead = False  # woken to lead the next batch rather than with a result
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -36,8 +39,10 @@ class GroupCommit:
     caller yields once so that every call in the same loop turn can queue its
     operation, then runs them all in one transaction, each in its own savepoint (one
     operation's error leaves the others alone); each caller returns only after its own
-    operation is committed, as before. Without gevent (threads, the CLI) operations
-    run one by one.
+    operation is committed, as before. The leader commits one batch only and hands the
+    next to the first caller that queued meanwhile, and a batch gives up at the earliest
+    deadline in it, so no caller waits for a locked database longer than the write
+    timeout. Without gevent (threads, the CLI) operations run one by one.
     """
 
     def __init__(self, db: Database, batch: bool | None = None) -> None:
@@ -50,42 +55,44 @@ class GroupCommit:
         """Run one operation inside a committed transaction; its result, or its error."""
         if not self.batch:
             return self.db.write(op)
-        entry: _Entry[T] = _Entry(op)
+        entry: _Entry[T] = _Entry(op, time.monotonic() + self.db.write_timeout)
         self.queue.append(entry)
         if self.leading:
-            entry.done.wait()  # another caller commits the queue, this operation included
-        else:
-            self.leading = True
-            try:
-                sleep(0)  # the other calls of this loop turn queue their operations now
-            finally:
-                self._drain()
+            entry.done.wait()  # another caller commits it, or hands this one the lead
+        if not entry.done.is_set() or entry.lead:
+            self._lead()
         if entry.error is not None:
             raise entry.error
         result: T = entry.result
         return result
 
-    def _drain(self) -> None:
-        """Commit what is queued, in batches, until nothing waits; wake every caller."""
+    def _lead(self) -> None:
+        """Commit the queued operations as one batch, then pass the lead on."""
+        self.leading = True
         batch: list[_Entry[Any]] = []
         try:
-            while self.queue:
-                batch, self.queue = self.queue, []
-                try:
-                    self.db.write(functools.partial(_run_each, batch=batch))
-                except sqlite3.Error as exc:
-                    for entry in batch:
-                        entry.result, entry.error = None, exc
-                _wake(batch)
-                batch = []
+            sleep(0)  # the other calls of this loop turn queue their operations now
+            batch, self.queue = self.queue, []
+            timeout = max(min(e.deadline for e in batch) - time.monotonic(), 0.0)
+            try:
+                self.db.write(functools.partial(_run_each, batch=batch), timeout=timeout)
+            except sqlite3.Error as exc:
+                for entry in batch:
+                    entry.result, entry.error = None, exc
+            _wake(batch)
+            batch = []
         finally:
             self.leading = False
-            # Only when this greenlet was stopped mid-way (a kill at shutdown): nobody else
-            # would wake these callers, and nothing was committed for them.
-            stranded, self.queue = batch + self.queue, []
-            for entry in stranded:
-                entry.error = sqlite3.OperationalError("the store write was interrupted")
-            _wake(stranded)
+            if batch:
+                # Only when this greenlet was stopped mid-way (a kill at shutdown): nobody
+                # else would wake these callers, and nothing was committed for them.
+                for entry in batch:
+                    entry.error = sqlite3.OperationalError("the store write was interrupted")
+                _wake(batch)
+            if self.queue:  # queued while this batch ran: the first of them leads next
+                self.leading = True
+                self.queue[0].lead = True
+                self.queue[0].done.set()
 
 
 def _run_each(conn: sqlite3.Connection, batch: list[_Entry[Any]]) -> None:

@@ -15,6 +15,9 @@ KEY_PREFIX = "sk-relay-"
 # Columns an operator may change; `keys` rows carry usage counters too.
 SETTABLE = ("quota_tokens", "budget", "rpm", "tpm", "max_concurrent", "models", "expires_at")
 PERIODS = ("none", "monthly")
+# Limits a setting can take: SQLite integers are 64-bit, and no quota is near a quadrillion.
+MAX_SETTING = 10**15
+LAST_EXPIRY = 253402300799.0  # 9999-12-31 23:59:59 UTC
 
 
 def hash_key(key: str) -> str:
@@ -45,9 +48,12 @@ def parse_expiry(value: object) -> float | None:
             moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=dt.UTC)
-    except ValueError:
+        stamp = moment.timestamp()
+    except (ValueError, OverflowError):
         raise ValueError(f"expiry {text!r} is not a date like 2026-12-31") from None
-    return moment.timestamp()
+    if not 0 <= stamp <= LAST_EXPIRY:
+        raise ValueError(f"expiry {text!r} is not between 1970 and 9999")
+    return stamp
 
 
 def parse_models(value: object) -> str | None:
@@ -155,8 +161,8 @@ class KeyStore:
     def top_up(self, name: str, tokens: int) -> KeyRecord:
         """Add tokens to a key's quota (a key without a quota gets one of `tokens` + used)."""
         tokens = int(tokens)
-        if tokens <= 0:
-            raise ValueError("top-up must be a positive number of tokens")
+        if not 0 < tokens <= MAX_SETTING:
+            raise ValueError(f"top-up must be a whole number of tokens from 1 to {MAX_SETTING}")
         return self._change(
             name,
             "UPDATE keys SET quota_tokens = COALESCE(quota_tokens, used_tokens) + ? "
@@ -218,12 +224,21 @@ def _checked_value(column: str, value: Any) -> Any:
     if column == "models":
         return parse_models(value)
     if column == "expires_at":
-        return value if isinstance(value, float) else parse_expiry(value)
+        if isinstance(value, float):
+            if not 0 <= value <= LAST_EXPIRY:
+                raise ValueError("expiry is not between 1970 and 9999")
+            return value
+        return parse_expiry(value)
     if column == "budget":
-        return float(value)
+        money = float(value)
+        if not 0 <= money <= MAX_SETTING:  # NaN and infinities fail too
+            raise ValueError(f"budget must be a number from 0 to {MAX_SETTING}")
+        return money
     number = int(value)
     if number < 0 or (number == 0 and column != "quota_tokens"):
         raise ValueError(f"{column} must be a positive number")
+    if number > MAX_SETTING:
+        raise ValueError(f"{column} must be at most {MAX_SETTING}")
     return number
 
 
@@ -231,7 +246,10 @@ def utc_minute(ts: float | None) -> str:
     """A timestamp as `YYYY-MM-DD HH:MM` UTC, or a dash when there is none."""
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
+    try:
+        return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
+    except (ValueError, OverflowError, OSError):  # a value stored before it was checked
+        return "?"
 
 
 def month_start_ts(now: float) -> float:

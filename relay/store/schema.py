@@ -128,11 +128,20 @@ def _calls_in_flight(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX usage_call_id ON usage (call_id)")
 
 
+def _admin_sessions(db: sqlite_utils.Database) -> None:
+    """Operator sessions on the server: signing out ends a session wherever its cookie is."""
+    db.execute(
+        "CREATE TABLE admin_sessions (id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
+        "created_at REAL NOT NULL, expires_at REAL NOT NULL)"
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_keys_and_usage", _keys_and_usage),
     ("0002_health", _health),
     ("0003_keys_never_reused", _keys_never_reused),
     ("0004_calls_in_flight", _calls_in_flight),
+    ("0005_admin_sessions", _admin_sessions),
 ]
 
 

@@ -6,10 +6,7 @@ for longer than RELAY_DB_WRITE_TIMEOUT), the row goes to a spool file beside the
 database and is replayed by the next successful write: no row is lost.
 """
 
-import fcntl
-import json
 import logging
-import os
 import sqlite3
 
 from relay.call import Call
@@ -17,6 +14,7 @@ from relay.store import ledger
 from relay.store.db import Database
 from relay.store.group_commit import GroupCommit
 from relay.store.rows import Pricing, Row, draft_for, lost_row, row_for
+from relay.store.spool import Spool
 
 log = logging.getLogger("relay.usage")
 
@@ -27,7 +25,7 @@ class UsageLedger:
     def __init__(self, db: Database, pricing: Pricing) -> None:
         self.db = db
         self.pricing = pricing
-        self.spool_path = db.path + ".spool.jsonl"
+        self.spool = Spool(db.path + ".spool.jsonl")
         self.commits = GroupCommit(db)
         self.host = ledger.host_id()
 
@@ -63,11 +61,38 @@ class UsageLedger:
             self.commits.run(lambda conn: ledger.settle(conn, row))
         except sqlite3.Error as exc:
             log.error("usage row spooled, database unavailable: %s", exc)
-            self._spool(row)
+            self.spool.append(row)
             return row
-        if _nonempty(self.spool_path):
-            self.replay_spool()
+        if self.spool.pending():
+            self.spool.replay(self._settle_rows)
         return row
+
+    @property
+    def can_record(self) -> bool:
+        """False while rows wait in memory: neither the database nor the spool takes them."""
+        return not self.spool.failing
+
+    def _settle_rows(self, rows: list[Row]) -> list[Row]:
+        """Settle waiting rows in one transaction; return those that could not be."""
+        left: list[Row] = []
+
+        def settle_all(conn: sqlite3.Connection) -> None:
+            left.clear()  # a retried transaction starts over
+            for row in rows:
+                conn.execute("SAVEPOINT row")
+                try:
+                    ledger.settle(conn, _complete(row))
+                except (sqlite3.IntegrityError, KeyError, TypeError, ValueError):
+                    conn.execute("ROLLBACK TO row")  # not a usage row: set aside
+                    left.append(row)
+                conn.execute("RELEASE row")
+
+        try:
+            self.db.write(settle_all)
+        except sqlite3.Error as exc:
+            log.warning("spooled usage rows wait: %s", exc)
+            return rows
+        return left
 
     def recover(self, alive: "ledger.Alive") -> int:
         """Turn in-flight rows of dead workers into `worker_lost` usage rows; how many."""
@@ -83,40 +108,6 @@ class UsageLedger:
             log.warning("recorded %d calls whose worker died as worker_lost", count)
         return count
 
-    def _spool(self, row: Row) -> None:
-        """Append a row to the spool file under an exclusive lock."""
-        with open(self.spool_path, "a", encoding="utf-8") as spool:
-            fcntl.flock(spool, fcntl.LOCK_EX)
-            spool.write(json.dumps(row) + "\n")
-
-    def replay_spool(self) -> int:
-        """Move spooled rows into the database; the file is locked so one process does it."""
-        try:
-            spool = open(self.spool_path, "r+", encoding="utf-8")  # noqa: SIM115 - locked below
-        except FileNotFoundError:
-            return 0
-        with spool:
-            try:
-                fcntl.flock(spool, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0  # another worker is replaying it
-            rows = [json.loads(line) for line in spool if line.strip()]
-            if rows:
-                try:
-                    self.db.write(lambda conn: _settle_all(conn, rows))
-                except sqlite3.Error:
-                    return 0
-            # Truncate, never unlink: a writer may already hold the file open, waiting to lock it.
-            spool.truncate(0)
-        log.info("replayed %d spooled usage rows", len(rows))
-        return len(rows)
-
-
-def _settle_all(conn: sqlite3.Connection, rows: list[Row]) -> None:
-    """Settle spooled rows in one transaction."""
-    for row in rows:
-        ledger.settle(conn, _complete(row))
-
 
 def _complete(row: Row) -> Row:
     """A spooled row with the columns older spools lack."""
@@ -125,11 +116,3 @@ def _complete(row: Row) -> Row:
     row.setdefault("unit", None)
     row.setdefault("charged_tokens", row.get("total_tokens") or 0)
     return row
-
-
-def _nonempty(path: str) -> bool:
-    """Whether a file exists and has content."""
-    try:
-        return os.path.getsize(path) > 0
-    except OSError:
-        return False

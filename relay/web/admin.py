@@ -2,7 +2,6 @@
 
 import hashlib
 import hmac
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +20,13 @@ from werkzeug.wrappers import Response
 
 from relay.auth import check_admin_token, verify
 from relay.errors import AdminAuthRequired, RateLimited
+from relay.limits import check_blocked
 from relay.state import state
 from relay.store.keys import KeyStore, utc_minute
 from relay.web import charts, csrf
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-SESSION_SECONDS = 12 * 3600  # a signed cookie cannot be revoked, so it must also grow old
+SESSION_SECONDS = 12 * 3600  # sessions also end on their own after this
 RECENT_CALLS = 50
 CHART_DAYS = 30
 # Form fields of the create form and the key columns they set.
@@ -55,14 +55,16 @@ def _fingerprint(token: str) -> str:
 
 
 def signed_in() -> bool:
-    """Whether this session signed in with the current token, less than SESSION_SECONDS ago."""
+    """Whether this browser holds an open session (on the server) made with the current token.
+
+    The cookie only names the session: signing out, the session's age or a changed
+    token end it on the server, whoever kept a copy of the cookie.
+    """
     token = current_app.config["ADMIN_TOKEN"]
-    held = session.get("admin")
-    started = session.get("signed_in_at")
-    if not token or not isinstance(held, str) or not isinstance(started, int | float):
+    sid = session.get("sid")
+    if not token or not isinstance(sid, str):
         return False
-    fresh = 0 <= time.time() - started < SESSION_SECONDS
-    return fresh and hmac.compare_digest(held, _fingerprint(token))
+    return state().store.sessions.valid(sid, _fingerprint(token))
 
 
 @bp.before_request
@@ -70,6 +72,10 @@ def guard() -> Page | Response | None:
     """Off without a token; every POST needs the CSRF token; every page but login a session."""
     if not current_app.config["ADMIN_TOKEN"]:
         return page("admin_off.html", 404)
+    try:
+        check_blocked()  # a guesser's address waits, before its form is even read
+    except RateLimited as err:
+        return page("admin_login.html", 429, err.headers, error=err.message)
     if request.method == "POST" and not csrf.valid():
         message = "The form was not sent from this dashboard, or it expired. Reload and try again."
         return page("message.html", 400, title="Form refused", message=message)
@@ -97,15 +103,17 @@ def login() -> Page | Response:
     except AdminAuthRequired as err:
         return page("admin_login.html", 401, error=err.message)
     session.clear()
-    session["admin"] = _fingerprint(token)
-    session["signed_in_at"] = time.time()
+    session["sid"] = state().store.sessions.start(_fingerprint(token), SESSION_SECONDS)
     csrf.renew()
     return redirect(url_for("admin.dashboard"))
 
 
 @bp.post("/logout")
 def logout() -> Response:
-    """Forget the session."""
+    """End the session on the server (its cookie opens nothing any more) and forget it."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        state().store.sessions.end(sid)
     session.clear()
     return redirect(url_for("admin.login"))
 

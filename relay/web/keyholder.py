@@ -7,6 +7,7 @@ from flask import Blueprint, Flask, current_app, render_template, request
 from relay.auth import authenticate, verify
 from relay.errors import InvalidApiKey, RateLimited
 from relay.faces.balance import key_summary
+from relay.limits import check_blocked
 from relay.state import state
 from relay.web import charts, csrf
 
@@ -34,6 +35,10 @@ def form() -> Page:
 @bp.post("/usage")
 def lookup() -> Page:
     """Check the pasted key and show its own numbers; nothing about any other key."""
+    try:
+        check_blocked()  # a guesser's address waits, before its form is even read
+    except RateLimited as limited:
+        return page(429, limited.headers, error=limited.message)
     key = request.form.get("key", "").strip()
     store = state().store
     try:

@@ -1,0 +1,67 @@
+"""Slowing down guessing: failed credentials are counted per address, then the address waits.
+
+Every failed credential check (a bad relay key on either face or the key page, a wrong
+admin token on /admin or /metrics) counts against the caller's address. Past
+RELAY_UNAUTHENTICATED_RPM failures in a minute the address is blocked for
+RELAY_AUTH_BLOCK_SECONDS: everything it sends meanwhile is refused before its body is
+read, the right key or token included, so guessing costs the guesser, not the relay.
+"""
+
+import math
+import time
+
+from limits import RateLimitItemPerMinute
+from limits.storage import Storage
+from limits.strategies import FixedWindowRateLimiter
+
+from relay.errors import RateLimited
+
+PREFIX = "relay"
+
+
+class GuessGuard:
+    """Counts failures per address in the limits storage and blocks busy guessers."""
+
+    def __init__(self, storage: Storage, per_minute: int, block_seconds: float) -> None:
+        self.storage = storage
+        self.failures = FixedWindowRateLimiter(storage)
+        self.per_minute = per_minute  # 0: off
+        self.block_seconds = block_seconds
+
+    def check(self, address: str) -> None:
+        """Refuse an address that is blocked (RateLimited, with how long it still waits)."""
+        if not self.per_minute:
+            return
+        key = self._blocked(address)
+        if self.storage.get(key) > 0:
+            raise self._refusal(self.storage.get_expiry(key))
+
+    def failed(self, address: str) -> None:
+        """Count one failed credential; past the limit, block the address and refuse."""
+        if not self.per_minute:
+            return
+        item = RateLimitItemPerMinute(self.per_minute)
+        if self.failures.hit(item, PREFIX, "authfail", address):
+            return
+        key = self._blocked(address)
+        self.storage.incr(key, math.ceil(self.block_seconds))
+        raise self._refusal(self.storage.get_expiry(key))
+
+    @staticmethod
+    def _blocked(address: str) -> str:
+        """The storage key marking a blocked address (the address, never a credential)."""
+        return f"{PREFIX}/blocked/{address}"
+
+    def _refusal(self, until: float) -> RateLimited:
+        """The 429 for a blocked address."""
+        wait = max(1, math.ceil(until - time.time()))
+        return RateLimited(
+            "Too many failed keys or tokens from this address; it is blocked for "
+            f"{wait} more seconds.",
+            headers={
+                "Retry-After": str(wait),
+                "X-RateLimit-Limit": str(self.per_minute),
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(int(until)),
+            },
+        )
