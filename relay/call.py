@@ -62,6 +62,7 @@ class KeyRecord:
     quota_period: str
     period_started_at: float | None
     key_hint: str
+    endpoints: tuple[str, ...] = ()  # account-wide endpoint groups opened for this key
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "KeyRecord":
@@ -85,6 +86,7 @@ class KeyRecord:
             quota_period=row.get("quota_period") or "none",
             period_started_at=row.get("period_started_at"),
             key_hint=row.get("key_hint") or "",
+            endpoints=tuple(e for e in (row.get("endpoints") or "").split(",") if e),
         )
 
     @property

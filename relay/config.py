@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import dotenv
 
 from relay import metering
+from relay.endpoints import parse_groups
 from relay.metering import PriceTable
 
 if TYPE_CHECKING:  # typing only: gunicorn's master imports this module without Flask
@@ -56,6 +57,7 @@ DEFAULTS = {
     "SECRET_KEY": None,  # signs admin sessions; default: random, kept in instance/secret_key
     "SESSION_COOKIE_SECURE": False,  # Flask's own setting: on when served over HTTPS
     "LOG_LEVEL": "INFO",
+    "OPEN_ENDPOINTS": "",  # account-wide endpoint groups open to every key (endpoints.py)
 }
 
 INT_SETTINGS = {
@@ -150,8 +152,7 @@ def check(config: dict[str, Any], instance_path: str) -> None:
     if not config["UPSTREAMS_FILE"]:
         default_file = os.path.join(instance_path, "upstreams.toml")
         config["UPSTREAMS_FILE"] = default_file if os.path.isfile(default_file) else None
-    config["MODEL_ALIASES"] = parse_aliases(config["MODEL_ALIASES"])
-    config["PRICES"] = parse_prices(config["PRICES"])
+    _parse_tables(config)
     if config["RATELIMIT_STRATEGY"] not in ("fixed-window", "moving-window"):
         raise ConfigError(
             "RELAY_RATELIMIT_STRATEGY must be fixed-window or moving-window, "
@@ -174,6 +175,16 @@ def check(config: dict[str, Any], instance_path: str) -> None:
             )
     if not config["SECRET_KEY"]:
         config["SECRET_KEY"] = instance_secret(instance_path)
+
+
+def _parse_tables(config: dict[str, Any]) -> None:
+    """The settings written as lists: aliases, prices, open endpoint groups."""
+    config["MODEL_ALIASES"] = parse_aliases(config["MODEL_ALIASES"])
+    config["PRICES"] = parse_prices(config["PRICES"])
+    try:
+        config["OPEN_ENDPOINTS"] = parse_groups(config["OPEN_ENDPOINTS"], "RELAY_OPEN_ENDPOINTS")
+    except ValueError as exc:
+        raise ConfigError(f"{exc}.") from None
 
 
 def instance_secret(instance_path: str) -> str:

@@ -11,6 +11,7 @@ from werkzeug.formparser import parse_form_data
 
 from relay.auth import authenticate, find_client_key, strip_body_key, verify
 from relay.call import MAX_END_USER, Call, KeyRecord
+from relay.endpoints import account_group
 from relay.errors import (
     EndpointNotAllowed,
     InvalidRequest,
@@ -115,6 +116,7 @@ def admit(call: Call) -> None:
     if implied and call.model is None and (metered or key.models is not None):
         name_the_model(call, implied)
     check_models(call, key, implied)
+    check_account_wide(call, key, config["OPEN_ENDPOINTS"])
     if metered:
         check_billable(call, key, config["PRICES"])
     need = need_of(
@@ -158,6 +160,18 @@ def check_models(call: Call, key: KeyRecord, implied: str | None) -> None:
     if not (key.allows_model(asked) or key.allows_model(call.model_requested)):
         shown = call.model_requested or f"{implied} (the default of /{call.path})"
         raise ModelNotAllowed(f"This key may not use the model {shown!r}.", param="model")
+
+
+def check_account_wide(call: Call, key: KeyRecord, open_groups: tuple[str, ...]) -> None:
+    """Endpoints shared by every key holder of the upstream account need opening for a key."""
+    group = account_group(call.path, call.method)
+    if group is None or group in key.endpoints or group in open_groups:
+        return
+    raise EndpointNotAllowed(
+        f"{call.method} /{call.path} reaches the relay's whole upstream account "
+        f"({group}: every key holder's shares it), so it is closed to keys by default. "
+        f"Ask the relay's operator to open it for your key (--endpoints {group})."
+    )
 
 
 def check_billable(call: Call, key: KeyRecord, prices: PriceTable) -> None:

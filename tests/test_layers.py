@@ -15,6 +15,7 @@ RANKS = {
     "relay.call": 0,
     "relay.tokens": 0,
     "relay.metering": 0,
+    "relay.endpoints": 0,
     "relay.runtime": 0,
     "relay.upstreams_file": 0,
     "relay.upstream": 1,

@@ -17,7 +17,9 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
 
 
-def key_summary(record: KeyRecord, default_rpm: int | None = None) -> dict[str, Any]:
+def key_summary(
+    record: KeyRecord, default_rpm: int | None = None, open_groups: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The key's limits and use, as /v1/relay/key reports them."""
     return {
         "object": "relay.key",
@@ -33,6 +35,8 @@ def key_summary(record: KeyRecord, default_rpm: int | None = None) -> dict[str, 
         "tpm": record.tpm,
         "max_concurrent": record.max_concurrent,
         "models": list(record.models) if record.models else None,
+        # Account-wide endpoint groups this key may call (endpoints.py), besides its own calls.
+        "endpoints": sorted({*record.endpoints, *open_groups}),
         "expires_at": _iso(record.expires_at),
         "created_at": _iso(record.created_at),
         "last_used_at": _iso(record.last_used_at),

@@ -45,7 +45,9 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
 
     def relay_key() -> Response:
         """The caller's key: quota, used, remaining, limits, expiry."""
-        return own_reply(balance.key_summary(g.call.key, current_app.config["DEFAULT_RPM"]))
+        config = current_app.config
+        summary = balance.key_summary(g.call.key, config["DEFAULT_RPM"], config["OPEN_ENDPOINTS"])
+        return own_reply(summary)
 
     def billing_subscription() -> Response:
         """OpenAI's old subscription object."""

@@ -38,6 +38,7 @@ def _settings(
     models: str | None,
     expires: str | None,
     budget: float | None,
+    endpoints: str | None,
 ) -> dict[str, Any]:
     """Only the options the operator actually gave."""
     given = {
@@ -48,6 +49,7 @@ def _settings(
         "models": models,
         "expires_at": expires,
         "budget": budget,
+        "endpoints": endpoints,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -62,6 +64,10 @@ def _limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--models", help="Comma-separated allow-list; name* matches a prefix."),
         click.option("--expires", help="Expiry date, YYYY-MM-DD (end of day UTC)."),
         click.option("--budget", type=click.FloatRange(min=0), help="Money budget (RELAY_PRICES)."),
+        click.option(
+            "--endpoints",
+            help="Account-wide endpoint groups to open, e.g. files,batches (or all).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -87,11 +93,12 @@ def create_key(
     models: str | None,
     expires: str | None,
     budget: float | None,
+    endpoints: str | None,
     period: str,
     key_value: str | None,
 ) -> None:
     """Create a key; the key itself is printed once, alone on the last line."""
-    settings = _settings(quota, rpm, tpm, max_concurrent, models, expires, budget)
+    settings = _settings(quota, rpm, tpm, max_concurrent, models, expires, budget, endpoints)
     settings["quota_period"] = period
     try:
         plaintext, record = _keys().create(name, key=key_value, **settings)
@@ -116,12 +123,13 @@ def set_key(
     models: str | None,
     expires: str | None,
     budget: float | None,
+    endpoints: str | None,
     no_quota: bool,
     no_rpm: bool,
     no_expiry: bool,
 ) -> None:
     """Change a key's limits; every worker sees the change on its next request."""
-    settings = _settings(quota, rpm, tpm, max_concurrent, models, expires, budget)
+    settings = _settings(quota, rpm, tpm, max_concurrent, models, expires, budget, endpoints)
     for flag, column in ((no_quota, "quota_tokens"), (no_rpm, "rpm"), (no_expiry, "expires_at")):
         if flag:
             settings[column] = None

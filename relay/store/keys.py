@@ -9,11 +9,15 @@ import time
 from typing import Any
 
 from relay.call import KeyRecord
+from relay.endpoints import parse_groups
 from relay.store.db import Database
 
 KEY_PREFIX = "sk-relay-"
 # Columns an operator may change; `keys` rows carry usage counters too.
-SETTABLE = ("quota_tokens", "budget", "rpm", "tpm", "max_concurrent", "models", "expires_at")
+SETTABLE = (
+    "quota_tokens", "budget", "rpm", "tpm", "max_concurrent", "models", "expires_at",
+    "endpoints",
+)  # fmt: skip
 PERIODS = ("none", "monthly")
 # Limits a setting can take: SQLite integers are 64-bit, and no quota is near a quadrillion.
 MAX_SETTING = 10**15
@@ -221,14 +225,10 @@ def _checked_value(column: str, value: Any) -> Any:
         return value
     if value is None:
         return None
-    if column == "models":
-        return parse_models(value)
+    if column in TEXT_SETTINGS:
+        return TEXT_SETTINGS[column](value)
     if column == "expires_at":
-        if isinstance(value, float):
-            if not 0 <= value <= LAST_EXPIRY:
-                raise ValueError("expiry is not between 1970 and 9999")
-            return value
-        return parse_expiry(value)
+        return _checked_expiry(value)
     if column == "budget":
         money = float(value)
         if not 0 <= money <= MAX_SETTING:  # NaN and infinities fail too
@@ -240,6 +240,21 @@ def _checked_value(column: str, value: Any) -> Any:
     if number > MAX_SETTING:
         raise ValueError(f"{column} must be at most {MAX_SETTING}")
     return number
+
+
+def _checked_expiry(value: object) -> float | None:
+    """An expiry as a timestamp between 1970 and 9999 (a float already, or a date)."""
+    if isinstance(value, float):
+        if not 0 <= value <= LAST_EXPIRY:
+            raise ValueError("expiry is not between 1970 and 9999")
+        return value
+    return parse_expiry(value)
+
+
+TEXT_SETTINGS = {
+    "models": parse_models,
+    "endpoints": lambda value: ",".join(parse_groups(value, "--endpoints")) or None,
+}
 
 
 def utc_minute(ts: float | None) -> str:

@@ -136,12 +136,18 @@ def _admin_sessions(db: sqlite_utils.Database) -> None:
     )
 
 
+def _key_endpoints(db: sqlite_utils.Database) -> None:
+    """Account-wide endpoint groups (files, batches…) the operator opened for a key."""
+    db.execute("ALTER TABLE keys ADD COLUMN endpoints TEXT")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_keys_and_usage", _keys_and_usage),
     ("0002_health", _health),
     ("0003_keys_never_reused", _keys_never_reused),
     ("0004_calls_in_flight", _calls_in_flight),
     ("0005_admin_sessions", _admin_sessions),
+    ("0006_key_endpoints", _key_endpoints),
 ]
 
 

@@ -49,7 +49,8 @@ def lookup() -> Page:
     except InvalidApiKey as err:
         reason = err.message if key else "Paste your relay key into the field first."
         return page(401, error=reason)
-    summary = key_summary(record, current_app.config["DEFAULT_RPM"])
+    config = current_app.config
+    summary = key_summary(record, config["DEFAULT_RPM"], config["OPEN_ENDPOINTS"])
     for field in TIME_FIELDS:
         if summary[field]:
             summary[field] = summary[field][:16].replace("T", " ")
