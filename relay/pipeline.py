@@ -33,6 +33,7 @@ from relay.store import Refusal, StoreError
 from relay.upstream import Relayed
 
 log = logging.getLogger("relay")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
@@ -52,6 +53,8 @@ def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
         relayed=relayed,
     )
     call.json = face.parse_body(raw, call.method, path, call.content_type)
+    if call.json is not None and raw.lstrip().startswith(UTF8_BOM):
+        call.body_changed = True  # re-encoded without it: upstreams refuse JSON behind a BOM
     key = find_client_key(request.headers, call.json)
     if strip_body_key(call.json):
         call.body_changed = True

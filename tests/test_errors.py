@@ -147,3 +147,23 @@ def test_usage_row_records_failures(client, key, fake, app):
     client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     row = app.extensions["relay"].store.db.query_one("SELECT * FROM usage ORDER BY id DESC")
     assert (row["status"], row["outcome"], row["total_tokens"]) == (502, "upstream_error", 0)
+
+
+@pytest.mark.parametrize("face", ["/v1/chat/completions", "/api/v1/chat/completions"])
+def test_a_name_given_twice_in_a_json_object_is_refused(client, key, fake, face):
+    twice = (
+        b'{"model": "gpt-4o", "model": "gpt-3.5-turbo", '
+        b'"messages": [{"role": "user", "content": "hi"}]}'
+    )
+    headers = {**auth(key), "Content-Type": "application/json"}
+    reply = client.post(face, data=twice, headers=headers)
+    assert reply.status_code == 400 and "twice" in reply.get_json()["error"]["message"]
+    assert fake.requests == []
+
+
+def test_json_behind_a_byte_order_mark_reaches_the_upstream_without_it(client, key, fake):
+    body = b'\xef\xbb\xbf{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {**auth(key), "Content-Type": "application/json"}
+    assert client.post("/v1/chat/completions", data=body, headers=headers).status_code == 200
+    assert not fake.requests[-1].body.startswith(b"\xef\xbb\xbf")
+    assert fake.requests[-1].json["model"] == "gpt-4o"

@@ -61,6 +61,22 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a name given twice is refused.
+
+    The relay reads one value (the last) while an upstream may act on the other (the
+    first): a `model` the key may not use would pass the allow-list.
+    """
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"the name {name!r} is given twice in one object")
+            seen.add(name)
+    return value
+
+
 def decode_utf8(raw: bytes, what: str = "Request body") -> str:
     """Decode bytes as strict UTF-8 (a leading BOM is tolerated), else a 400."""
     try:
@@ -76,7 +92,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise InvalidRequest("Request body is empty; a JSON object was expected.")
     try:
-        value = json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+        value = json.loads(
+            text,
+            parse_float=_finite_float,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
     except RecursionError:
         raise InvalidRequest("Request body is nested too deeply.") from None
     except ValueError as exc:
