@@ -270,7 +270,6 @@ class RelayServer:
 
         False when the port was taken; any other failure raises with gunicorn's output.
         """
-        listening = f"Listening at: http://127.0.0.1:{self.port} ({self.process.pid})"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             output = self.output()
@@ -278,10 +277,15 @@ class RelayServer:
                 if "Address already in use" in output or "Connection in use" in output:
                     return False
                 raise RuntimeError(f"gunicorn exited early:\n{output}")
+            listening = f"Listening at: http://127.0.0.1:{self.port} ({self.master_pid()})"
             if listening in output and len(self.ready_workers()) >= self.workers:
                 return True
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not get ready in {timeout:g} s:\n{self.output()}")
+
+    def master_pid(self):
+        """gunicorn's master (the process started; a wrapper such as strace overrides it)."""
+        return self.process.pid
 
     def ready_workers(self):
         """PIDs of the current workers that have loaded the app (gunicorn_conf logs each)."""
