@@ -3,8 +3,9 @@
 import io
 
 import pytest
-from conftest import auth
+from conftest import auth, close_app
 
+from relay.app import create_app
 from relay.errors import InvalidRequest
 from relay.faces.legacy_body import coerce_types, nest
 from relay.faces.legacy_chat import trim_history
@@ -60,6 +61,24 @@ def test_coerce_types_and_rejects():
     ):
         with pytest.raises(InvalidRequest):
             coerce_types(bad)
+
+
+def test_completions_default_model_is_a_setting(settings, fake):
+    app = create_app({**settings, "DEFAULT_COMPLETION_MODEL": "davinci-002"})
+    try:
+        key, _ = app.extensions["relay"].store.keys.create("completions")
+        reply = app.test_client().post(
+            "/api/v1/completions", json={"api_secret_key": key, "prompt": "Say this is a test"}
+        )
+        assert reply.status_code == 200
+        assert fake.requests[-1].json["model"] == "davinci-002"
+        chat = app.test_client().post(
+            "/api/v1/chat/completions", json={"api_secret_key": key, "messages": [msg("user", 3)]}
+        )
+        assert chat.status_code == 200
+        assert fake.requests[-1].json["model"] == "gpt-3.5-turbo"  # chat keeps its own default
+    finally:
+        close_app(app)
 
 
 def msg(role, size):

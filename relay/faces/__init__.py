@@ -18,7 +18,10 @@ from relay.limits import Limits
 
 def build_faces(config: dict[str, Any]) -> list[Face]:
     """The faces this relay serves, the legacy one with its configured rules."""
-    return [OpenAIFace(), LegacyFace(config["DEFAULT_MODEL"], config["LEGACY_MAX_CHARS"])]
+    legacy = LegacyFace(
+        config["DEFAULT_MODEL"], config["DEFAULT_COMPLETION_MODEL"], config["LEGACY_MAX_CHARS"]
+    )
+    return [OpenAIFace(), legacy]
 
 
 def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:

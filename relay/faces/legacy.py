@@ -20,8 +20,9 @@ class LegacyFace(Face):
     name = "legacy"
     prefixes = ("/index.php/api/v1", "/api/v1")
 
-    def __init__(self, default_model: str, max_chars: int) -> None:
-        self.default_model = default_model  # RELAY_DEFAULT_MODEL
+    def __init__(self, default_model: str, default_completion_model: str, max_chars: int) -> None:
+        self.default_model = default_model  # RELAY_DEFAULT_MODEL, for chat
+        self.default_completion_model = default_completion_model  # RELAY_DEFAULT_COMPLETION_MODEL
         self.max_chars = max_chars  # RELAY_LEGACY_MAX_CHARS
 
     def parse_body(
@@ -32,7 +33,9 @@ class LegacyFace(Face):
         if method == "POST" and path in GENERATION_PATHS:
             body = body if body is not None else {}
             if not body.get("model"):
-                body["model"] = self.default_model
+                # `completions` takes a text-completion model: a chat model would be refused.
+                completion = path == "completions"
+                body["model"] = self.default_completion_model if completion else self.default_model
         return body
 
     def prepare(self, call: Call) -> None:
