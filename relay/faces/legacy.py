@@ -3,8 +3,7 @@
 import json
 from typing import Any
 
-from relay.call import MAX_END_USER, Call
-from relay.errors import InvalidRequest
+from relay.call import Call
 from relay.face import Face
 from relay.faces.legacy_body import drop_multipart_field, multipart_has_files, parse_legacy_body
 from relay.faces.legacy_chat import check_messages, trim_history
@@ -39,7 +38,7 @@ class LegacyFace(Face):
         return body
 
     def prepare(self, call: Call) -> None:
-        """The old service's rules: a sane `user`, non-empty messages, the character limit."""
+        """The old service's rules: non-empty messages and the character limit."""
         body = call.json
         if body is None:
             return
@@ -48,11 +47,6 @@ class LegacyFace(Face):
             call.body = drop_multipart_field(call.body, call.content_type, "api_secret_key")
             call.json = None
             return
-        user = body.get("user")
-        if user is not None and (not isinstance(user, str) or len(user) > MAX_END_USER):
-            raise InvalidRequest(
-                f"user must be a string of at most {MAX_END_USER} characters.", param="user"
-            )
         if call.path == "chat/completions":
             check_messages(body.get("messages"))
             kept, dropped = trim_history(body["messages"], self.max_chars)
