@@ -7,6 +7,7 @@ from conftest import auth, close_app
 
 from relay.app import create_app
 from relay.errors import InvalidRequest
+from relay.faces.legacy import LegacyFace
 from relay.faces.legacy_body import body_kind, coerce_types, nest
 from relay.faces.legacy_chat import trim_history
 from relay.tokens import estimate_tokens
@@ -150,6 +151,31 @@ def test_completions_default_model_is_a_setting(settings, fake):
         assert fake.requests[-1].json["model"] == "gpt-3.5-turbo"  # chat keeps its own default
     finally:
         close_app(app)
+
+
+@pytest.mark.parametrize(
+    ("path", "meant"),
+    [
+        ("/index.php/v1/chat/completions", "/index.php/api/v1/chat/completions"),
+        ("/index.php/index.php/api/v1/models", "/index.php/api/v1/models"),
+        ("/api/chat/completions", "/api/v1/chat/completions"),
+        ("/api//v1//embeddings/", "/api/v1/embeddings"),
+        ("/index.php", None),
+        ("/api/v1", None),
+    ],
+)
+def test_not_found_hint_names_the_base_url(path, meant):
+    face = LegacyFace("gpt-3.5", "gpt-3.5-turbo-instruct", 2000)
+    assert face.owns(path)
+    hint = face.explain_not_found(path)
+    root = "/index.php/" if path.startswith("/index.php") else "/api/"
+    assert f"base URL is http://<relay>{root} " in hint
+    if meant is None:
+        assert "Did you mean" not in hint
+    else:
+        assert hint.endswith(f"Did you mean {meant}?")
+    for other in ("/v1/chat/completions", "/apix/v1/x", "/index.phpx", "/"):
+        assert not face.owns(other) and face.explain_not_found(other) == ""
 
 
 def msg(role, size):

@@ -78,3 +78,34 @@ class LegacyFace(Face):
     def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
         """Failure: the HTTP status as `code`, the message as `msg`, and the OpenAI error."""
         return {"code": status, "msg": body["error"]["message"], **body}
+
+    def owns(self, url_path: str) -> bool:
+        """Everything under the prefixes' roots (/index.php, /api): old clients read code/msg."""
+        return self._root_of(url_path) is not None
+
+    def explain_not_found(self, url_path: str) -> str:
+        """Name the base URL and the path a client that got its base URL wrong meant."""
+        prefix = self._root_of(url_path)
+        if prefix is None:
+            return ""
+        root = _root(prefix)
+        # Drop what the client wrote of the prefix itself (index.php/, api/, v1/), keep the rest.
+        words = {word for p in self.prefixes for word in p.split("/") if word}
+        rest = [part for part in url_path[len(root) :].split("/") if part]
+        while rest and rest[0] in words:
+            rest.pop(0)
+        meant = f" Did you mean {prefix}/{'/'.join(rest)}?" if rest else ""
+        return f"The legacy API's base URL is http://<relay>{root}/ (calls go to {prefix}/).{meant}"
+
+    def _root_of(self, url_path: str) -> str | None:
+        """The prefix whose root (its first path segment) a URL is under, or None."""
+        for prefix in self.prefixes:
+            root = _root(prefix)
+            if url_path == root or url_path.startswith(root + "/"):
+                return prefix
+        return None
+
+
+def _root(prefix: str) -> str:
+    """A prefix's first path segment: /index.php of /index.php/api/v1, /api of /api/v1."""
+    return "/" + prefix.strip("/").split("/")[0]
