@@ -28,8 +28,10 @@ DEFAULTS = {
     "UPSTREAMS_FILE": None,  # default: instance/upstreams.toml when it exists
     "DATABASE": None,  # default: instance/relay.sqlite
     "ADMIN_TOKEN": None,
-    "MODEL_ALIASES": "gpt-3.5=gpt-3.5-turbo,gpt-4=gpt-4o",
-    "DEFAULT_MODEL": "gpt-3.5",
+    # Only the old service's non-model name: real names (gpt-4…) mean what they say.
+    "MODEL_ALIASES": "gpt-3.5=gpt-3.5-turbo",
+    "DEFAULT_MODEL": "gpt-3.5",  # legacy chat calls without a model
+    "DEFAULT_COMPLETION_MODEL": "gpt-3.5-turbo-instruct",  # legacy `completions` without one
     "RATELIMIT_STORAGE_URI": None,  # default: sqlite:///instance/ratelimit.sqlite
     "RATELIMIT_STRATEGY": "fixed-window",
     "DEFAULT_RPM": None,
@@ -144,6 +146,10 @@ def check(config: dict[str, Any], instance_path: str) -> None:
         config[name] = _as_number(name, config[name], float, low, high)
     for name in BOOL_SETTINGS:
         config[name] = _as_bool(name, config[name])
+    config["DEFAULT_MODEL"] = _model_name("DEFAULT_MODEL", config["DEFAULT_MODEL"])
+    config["DEFAULT_COMPLETION_MODEL"] = _model_name(
+        "DEFAULT_COMPLETION_MODEL", config["DEFAULT_COMPLETION_MODEL"]
+    )
     if not config["DATABASE"]:
         config["DATABASE"] = os.path.join(instance_path, "relay.sqlite")
     if not config["RATELIMIT_STORAGE_URI"]:
@@ -243,7 +249,7 @@ def parse_aliases(value: object) -> dict[str, str]:
         alias, sep, model = item.partition("=")
         if not sep or not alias.strip() or not model.strip():
             raise ConfigError(
-                f"RELAY_MODEL_ALIASES must look like gpt-3.5=gpt-3.5-turbo,gpt-4=gpt-4o; "
+                f"RELAY_MODEL_ALIASES must look like gpt-3.5=gpt-3.5-turbo,fast=gpt-4o-mini; "
                 f"{item.strip()!r} has no '=' between an alias and a model."
             )
         aliases[alias.strip()] = model.strip()
@@ -277,6 +283,14 @@ def _as_number(
         upper = f" and at most {high}" if high is not None else ""
         raise ConfigError(f"RELAY_{name} must be at least {low}{upper}, not {value!r}.")
     return number
+
+
+def _model_name(name: str, value: object) -> str:
+    """A setting that names a model: a non-empty string."""
+    model = str(value or "").strip()
+    if not model:
+        raise ConfigError(f"RELAY_{name} must name a model, e.g. {DEFAULTS[name]}.")
+    return model
 
 
 def _as_bool(name: str, value: object) -> bool:

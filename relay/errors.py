@@ -164,6 +164,7 @@ def error_response(err: RelayError) -> Response:
 def handle_http_exception(exc: HTTPException) -> Response:
     """Map werkzeug's 404/405/413/429 (and any other HTTP error) onto the relay's shape."""
     err: RelayError
+    valid_methods = getattr(exc, "valid_methods", None) or []
     if isinstance(exc, RateLimitExceeded):
         reason = exc.description or ""
         if not reason.startswith("Rate limit"):
@@ -172,7 +173,8 @@ def handle_http_exception(exc: HTTPException) -> Response:
     elif exc.code in HTTP_EXCEPTIONS:
         messages = {
             404: f"Unknown path {request.path}.",
-            405: f"Method {request.method} is not allowed on {request.path}.",
+            405: f"Method {request.method} is not allowed on {request.path}"
+            + (f"; use {', '.join(valid_methods)}." if valid_methods else "."),
             413: "Request body is larger than the relay accepts.",
         }
         err = HTTP_EXCEPTIONS[exc.code](messages[exc.code])
@@ -182,7 +184,6 @@ def handle_http_exception(exc: HTTPException) -> Response:
         err.type = "invalid_request_error" if err.status < 500 else "server_error"
         err.code = exc.name.lower().replace(" ", "_")
     response = error_response(err)
-    valid_methods = getattr(exc, "valid_methods", None)
     if exc.code == 405 and valid_methods:
         response.headers["Allow"] = ", ".join(valid_methods)
     return response

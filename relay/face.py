@@ -41,3 +41,11 @@ class Face:
     def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
         """An error body in this face's shape (OpenAI's as it is)."""
         return body
+
+    def owns(self, url_path: str) -> bool:
+        """Whether the relay's own answers on this URL (errors too) take this face's shape."""
+        return self.api_path(url_path) is not None
+
+    def explain_not_found(self, url_path: str) -> str:
+        """A hint added to the 404 of a URL this face owns but has no route for ("": none)."""
+        return ""

@@ -52,6 +52,14 @@ def flask_bin():
             },
             "RELAY_MODEL_ALIASES must look like",
         ),
+        (
+            {
+                "RELAY_UPSTREAM_BASE_URL": "http://x/v1",
+                "RELAY_UPSTREAM_API_KEY": "k",
+                "RELAY_DEFAULT_COMPLETION_MODEL": " ",
+            },
+            "RELAY_DEFAULT_COMPLETION_MODEL must name a model",
+        ),
     ],
 )
 def test_bad_config_is_one_sentence(tmp_path, env, phrase):
@@ -89,7 +97,10 @@ def test_defaults_and_env_conversion(tmp_path):
     assert settings["DEFAULT_RPM"] == 60 and settings["STREAM_USAGE"] is False
     assert settings["LEGACY_MAX_CHARS"] == 2000
     assert settings["DATABASE"] == os.path.join(str(tmp_path), "relay.sqlite")
-    assert settings["MODEL_ALIASES"] == {"gpt-3.5": "gpt-3.5-turbo", "gpt-4": "gpt-4o"}
+    # Only the old service's non-model name is an alias: gpt-4 means gpt-4.
+    assert settings["MODEL_ALIASES"] == {"gpt-3.5": "gpt-3.5-turbo"}
+    assert settings["DEFAULT_MODEL"] == "gpt-3.5"
+    assert settings["DEFAULT_COMPLETION_MODEL"] == "gpt-3.5-turbo-instruct"
 
 
 def test_unwritable_database_is_a_config_error(tmp_path):

@@ -28,6 +28,24 @@ def test_unknown_route_and_method(client, key):
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/v1/dashboard/billing/subscription", "GET, HEAD, OPTIONS"),
+        ("DELETE", "/v1/dashboard/billing/usage", "GET, HEAD, OPTIONS"),
+        ("PUT", "/v1/relay/key", "GET, POST, HEAD, OPTIONS"),
+        ("POST", "/v1/models", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_own_paths_are_never_forwarded(client, key, fake, method, path, allow):
+    for headers in (auth(key), {}):  # a wrong method is a 405 with or without a key
+        reply = client.open(path, method=method, headers=headers, json={"model": "gpt-4o"})
+        error = error_of(reply, 405, "method_not_allowed")
+        assert reply.headers["Allow"] == allow
+        assert error["message"].endswith(f"use {allow}.")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
     ("raw_body", "content_type"),
     [
         (b'{"model": "gpt-4o", ', "application/json"),

@@ -1,4 +1,7 @@
-"""Faults under real gunicorn: read-only or locked database, a killed worker, garbage upstream."""
+"""Faults: read-only or locked database (at start too), a killed worker, garbage upstream.
+
+All but the start-up ones run under real gunicorn.
+"""
 
 import concurrent.futures
 import os
@@ -7,11 +10,15 @@ import sqlite3
 import subprocess
 import threading
 import time
+from contextlib import closing
 
 import pytest
 import requests
+import sqlite_utils
 from conftest import auth
 from fake_upstream import raw, sse_reply
+
+from relay.store.db import Database
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -20,6 +27,12 @@ def rows(server):
     """Usage rows in the server's database."""
     with sqlite3.connect(server.db_path) as conn:
         return conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+
+
+def journal_mode(path):
+    """The journal mode of a SQLite file."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
 
 
 def chattr(flag, *paths):
@@ -55,6 +68,40 @@ def test_read_only_database_keeps_serving_and_loses_no_row(relay_server, fake):
         assert time.monotonic() < deadline, f"rows: {rows(server)} of 6"
         time.sleep(0.1)
     assert "Traceback" not in server.output()
+
+
+def test_start_waits_for_a_sibling_holding_a_new_file(tmp_path):
+    """A worker starting while another holds the new file locked waits, not fails to boot."""
+    path = str(tmp_path / "relay.sqlite")
+    sibling = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    sibling.execute("CREATE TABLE creating (x)")
+    sibling.execute("BEGIN EXCLUSIVE")  # as while it creates the file or switches it to WAL
+    release = threading.Timer(0.3, lambda: sibling.execute("COMMIT"))
+    release.start()
+    try:
+        Database(path).migrate()
+    finally:
+        release.join()
+        sibling.close()
+    assert journal_mode(path) == "wal"
+
+
+def test_start_retries_a_wal_switch_refused_at_once(tmp_path, monkeypatch):
+    """Two workers switching a new file to WAL together: SQLite refuses one without waiting."""
+    refusals = []
+    enable_wal = sqlite_utils.Database.enable_wal
+
+    def refused_once(db):
+        if not refusals:
+            refusals.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        enable_wal(db)
+
+    monkeypatch.setattr(sqlite_utils.Database, "enable_wal", refused_once)
+    path = str(tmp_path / "relay.sqlite")
+    Database(path).migrate()
+    assert refusals == [1]
+    assert journal_mode(path) == "wal"
 
 
 def test_database_locked_for_seconds_delays_rows_but_loses_none(relay_server, fake):

@@ -563,17 +563,26 @@ def test_usage_estimated_when_the_upstream_sends_none(legacy, fake):
 
 
 def test_default_aliases(legacy, fake):
+    """Only the old service's non-model name gpt-3.5 is an alias: gpt-4 is gpt-4, on both faces."""
     server, key = legacy
-    body = assert_success(chat(server, key, DOCS_ASKS, model="gpt-4"))
-    assert fake.requests[-1].json["model"] == "gpt-4o"
-    assert body["model"] == "gpt-4o"
-    body = assert_success(chat(server, key, DOCS_ASKS, model="gpt-3.5"))
-    assert fake.requests[-1].json["model"] == "gpt-3.5-turbo"
-    assert body["model"] == "gpt-3.5-turbo"
-    rows = usage_rows(server, 2)
-    assert [(r["model_requested"], r["model_served"]) for r in rows] == [
-        ("gpt-4", "gpt-4o"),
-        ("gpt-3.5", "gpt-3.5-turbo"),
+    legacy_url = url_for(server, "chat/completions")
+    openai_url = f"{server.base_url}/v1/chat/completions"
+    bearer = {"Authorization": f"Bearer {key}"}
+    for url, params, headers in (
+        (legacy_url, {"api_secret_key": key, "messages": DOCS_ASKS}, {}),
+        (openai_url, {"messages": DOCS_ASKS}, bearer),
+    ):
+        for asked, sent in (("gpt-4", "gpt-4"), ("gpt-3.5", "gpt-3.5-turbo")):
+            reply = post_json(url, {**params, "model": asked}, **headers)
+            assert reply.status_code == 200, reply.text
+            assert fake.requests[-1].json["model"] == sent
+            assert reply.json()["model"] == sent
+    rows = usage_rows(server, 4)
+    assert [(r["face"], r["model_requested"], r["model_served"]) for r in rows] == [
+        ("legacy", "gpt-4", "gpt-4"),
+        ("legacy", "gpt-3.5", "gpt-3.5-turbo"),
+        ("openai", "gpt-4", "gpt-4"),
+        ("openai", "gpt-3.5", "gpt-3.5-turbo"),
     ]
 
 

@@ -3,12 +3,20 @@
 import io
 
 import pytest
-from conftest import auth
+from conftest import auth, close_app
 
+from relay.app import create_app
 from relay.errors import InvalidRequest
-from relay.faces.legacy_body import coerce_types, nest
+from relay.faces.legacy import LegacyFace
+from relay.faces.legacy_body import body_kind, coerce_types, nest
 from relay.faces.legacy_chat import trim_history
 from relay.tokens import estimate_tokens, legacy_estimate_tokens
+
+# What PHP's http_build_query makes of the docs' example array (key, user 张三, one message).
+PHP_FORM = (
+    b"api_secret_key=%s&user=%%E5%%BC%%A0%%E4%%B8%%89"
+    b"&messages%%5B0%%5D%%5Brole%%5D=user&messages%%5B0%%5D%%5Bcontent%%5D=1%%2B100%%3D"
+)
 
 
 def test_nest_builds_php_arrays():
@@ -60,6 +68,114 @@ def test_coerce_types_and_rejects():
     ):
         with pytest.raises(InvalidRequest):
             coerce_types(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "media", "kind"),
+    [
+        # PHP's http_build_query under the JSON header the docs tell users to add: a form.
+        (PHP_FORM % b"k", "application/json", "form"),
+        (b"messages[0][role]=user&messages[0][content]=hi\n", "application/json", "form"),
+        (b"api_secret_key=k&content=a=b==&", "", "form"),
+        (b"a=1&b=2", "text/plain", "form"),
+        (b"hello world", "application/x-www-form-urlencoded", "form"),  # the type says so
+        # Starts like JSON: JSON whatever the type, so broken JSON keeps its "not valid JSON".
+        (b'{"api_secret_key": "k", "prompt": "otter",}', "application/json", "json"),
+        (b'\xef\xbb\xbf {"a": 1}', "application/x-www-form-urlencoded", "json"),
+        (b"[1, 2]", "multipart/form-data", "json"),
+        # Neither JSON nor name=value pairs: read as JSON, so the 400 says what is wrong.
+        (b"hello", "application/json", "json"),
+        (b"hello world=1", "application/json", "json"),
+        (b"a=1&&b=2", "application/json", "json"),
+        (b"=1", "application/json", "json"),
+        (b'"a=b"', "", "json"),
+        (b"--xyz\r\nContent-Disposition: form-data", "multipart/form-data", "multipart"),
+    ],
+)
+def test_body_kind(raw, media, kind):
+    assert body_kind(raw, media) == kind
+
+
+def test_user_ids():
+    assert coerce_types({"user": 10086}) == {"user": "10086"}  # a PHP integer id
+    assert coerce_types({"user": -7}) == {"user": "-7"}
+    assert coerce_types({"user": 2**70}) == {"user": str(2**70)}
+    long_id = "x" * 300
+    assert coerce_types({"user": long_id}) == {"user": long_id}  # no limit on what is sent
+    assert coerce_types({"user": None}) == {"user": None}
+    for bad, shown in ((True, "true"), (1e20, "1e+20"), (3.0, "3.0"), ({}, "an object")):
+        with pytest.raises(InvalidRequest, match="whole number") as caught:
+            coerce_types({"user": bad})
+        assert caught.value.param == "user" and shown in caught.value.message
+
+
+def test_php_form_under_the_json_header(client, key, fake):
+    reply = client.post(
+        "/index.php/api/v1/chat/completions",
+        data=PHP_FORM % key.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    assert reply.get_json()["code"] == 0
+    assert fake.requests[-1].json == {
+        "user": "张三",
+        "messages": [{"role": "user", "content": "1+100="}],
+        "model": "gpt-3.5-turbo",
+    }
+
+
+def test_broken_json_under_the_json_header_stays_a_400(client, key, fake):
+    # The docs' images example as printed there: a trailing comma.
+    broken = f'{{"api_secret_key": "{key}", "prompt": "A cute baby sea otter",}}'
+    reply = client.post(
+        "/api/v1/images/generations", data=broken, headers={"Content-Type": "application/json"}
+    )
+    assert reply.status_code == 400
+    assert "not valid JSON" in reply.get_json()["msg"]
+    assert fake.requests == []
+
+
+def test_completions_default_model_is_a_setting(settings, fake):
+    app = create_app({**settings, "DEFAULT_COMPLETION_MODEL": "davinci-002"})
+    try:
+        key, _ = app.extensions["relay"].store.keys.create("completions")
+        reply = app.test_client().post(
+            "/api/v1/completions", json={"api_secret_key": key, "prompt": "Say this is a test"}
+        )
+        assert reply.status_code == 200
+        assert fake.requests[-1].json["model"] == "davinci-002"
+        chat = app.test_client().post(
+            "/api/v1/chat/completions", json={"api_secret_key": key, "messages": [msg("user", 3)]}
+        )
+        assert chat.status_code == 200
+        assert fake.requests[-1].json["model"] == "gpt-3.5-turbo"  # chat keeps its own default
+    finally:
+        close_app(app)
+
+
+@pytest.mark.parametrize(
+    ("path", "meant"),
+    [
+        ("/index.php/v1/chat/completions", "/index.php/api/v1/chat/completions"),
+        ("/index.php/index.php/api/v1/models", "/index.php/api/v1/models"),
+        ("/api/chat/completions", "/api/v1/chat/completions"),
+        ("/api//v1//embeddings/", "/api/v1/embeddings"),
+        ("/index.php", None),
+        ("/api/v1", None),
+    ],
+)
+def test_not_found_hint_names_the_base_url(path, meant):
+    face = LegacyFace("gpt-3.5", "gpt-3.5-turbo-instruct", 2000)
+    assert face.owns(path)
+    hint = face.explain_not_found(path)
+    root = "/index.php/" if path.startswith("/index.php") else "/api/"
+    assert f"base URL is http://<relay>{root} " in hint
+    if meant is None:
+        assert "Did you mean" not in hint
+    else:
+        assert hint.endswith(f"Did you mean {meant}?")
+    for other in ("/v1/chat/completions", "/apix/v1/x", "/index.phpx", "/"):
+        assert not face.owns(other) and face.explain_not_found(other) == ""
 
 
 def msg(role, size):

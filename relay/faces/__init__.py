@@ -18,7 +18,10 @@ from relay.limits import Limits
 
 def build_faces(config: dict[str, Any]) -> list[Face]:
     """The faces this relay serves, the legacy one with its configured rules."""
-    return [OpenAIFace(), LegacyFace(config["DEFAULT_MODEL"], config["LEGACY_MAX_CHARS"])]
+    legacy = LegacyFace(
+        config["DEFAULT_MODEL"], config["DEFAULT_COMPLETION_MODEL"], config["LEGACY_MAX_CHARS"]
+    )
+    return [OpenAIFace(), legacy]
 
 
 def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:
@@ -31,9 +34,12 @@ def error_shaper(faces: list[Face]) -> ErrorShaper:
     """The error-body shaper for errors.init_app: the shape of the face a URL belongs to."""
 
     def shape(status: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Wrap an error body as the face of the current request's URL does."""
+        """Wrap an error body as the face owning the current request's URL does."""
         for face in faces:
-            if face.api_path(request.path) is not None:
+            if face.owns(request.path):
+                hint = face.explain_not_found(request.path) if status == 404 else ""
+                if hint:
+                    body["error"]["message"] += " " + hint
                 return face.shape_error(status, body)
         return body
 

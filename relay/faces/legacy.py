@@ -3,8 +3,7 @@
 import json
 from typing import Any
 
-from relay.call import MAX_END_USER, Call
-from relay.errors import InvalidRequest
+from relay.call import Call
 from relay.face import Face
 from relay.faces.legacy_body import drop_multipart_field, multipart_has_files, parse_legacy_body
 from relay.faces.legacy_chat import check_messages, trim_history
@@ -32,8 +31,9 @@ class LegacyFace(Face):
     name = "legacy"
     prefixes = ("/index.php/api/v1", "/api/v1")
 
-    def __init__(self, default_model: str, max_chars: int) -> None:
-        self.default_model = default_model  # RELAY_DEFAULT_MODEL
+    def __init__(self, default_model: str, default_completion_model: str, max_chars: int) -> None:
+        self.default_model = default_model  # RELAY_DEFAULT_MODEL, for chat
+        self.default_completion_model = default_completion_model  # RELAY_DEFAULT_COMPLETION_MODEL
         self.max_chars = max_chars  # RELAY_LEGACY_MAX_CHARS
 
     def parse_body(
@@ -44,11 +44,13 @@ class LegacyFace(Face):
         if method == "POST" and path in GENERATION_PATHS:
             body = body if body is not None else {}
             if not body.get("model"):
-                body["model"] = self.default_model
+                # `completions` takes a text-completion model: a chat model would be refused.
+                completion = path == "completions"
+                body["model"] = self.default_completion_model if completion else self.default_model
         return body
 
     def prepare(self, call: Call) -> None:
-        """The old service's rules: a sane `user`, non-empty messages, the character limit."""
+        """The old service's rules: non-empty messages and the character limit."""
         body = call.json
         if body is None:
             return
@@ -57,11 +59,6 @@ class LegacyFace(Face):
             call.body = drop_multipart_field(call.body, call.content_type, "api_secret_key")
             call.json = None
             return
-        user = body.get("user")
-        if user is not None and (not isinstance(user, str) or len(user) > MAX_END_USER):
-            raise InvalidRequest(
-                f"user must be a string of at most {MAX_END_USER} characters.", param="user"
-            )
         if call.path == "chat/completions":
             check_messages(body.get("messages"))
             kept, dropped = trim_history(body["messages"], self.max_chars)
@@ -93,3 +90,34 @@ class LegacyFace(Face):
     def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
         """Failure: the HTTP status as `code`, the message as `msg`, and the OpenAI error."""
         return {"code": status, "msg": body["error"]["message"], **body}
+
+    def owns(self, url_path: str) -> bool:
+        """Everything under the prefixes' roots (/index.php, /api): old clients read code/msg."""
+        return self._root_of(url_path) is not None
+
+    def explain_not_found(self, url_path: str) -> str:
+        """Name the base URL and the path a client that got its base URL wrong meant."""
+        prefix = self._root_of(url_path)
+        if prefix is None:
+            return ""
+        root = _root(prefix)
+        # Drop what the client wrote of the prefix itself (index.php/, api/, v1/), keep the rest.
+        words = {word for p in self.prefixes for word in p.split("/") if word}
+        rest = [part for part in url_path[len(root) :].split("/") if part]
+        while rest and rest[0] in words:
+            rest.pop(0)
+        meant = f" Did you mean {prefix}/{'/'.join(rest)}?" if rest else ""
+        return f"The legacy API's base URL is http://<relay>{root}/ (calls go to {prefix}/).{meant}"
+
+    def _root_of(self, url_path: str) -> str | None:
+        """The prefix whose root (its first path segment) a URL is under, or None."""
+        for prefix in self.prefixes:
+            root = _root(prefix)
+            if url_path == root or url_path.startswith(root + "/"):
+                return prefix
+        return None
+
+
+def _root(prefix: str) -> str:
+    """A prefix's first path segment: /index.php of /index.php/api/v1, /api of /api/v1."""
+    return "/" + prefix.strip("/").split("/")[0]

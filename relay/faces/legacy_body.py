@@ -1,8 +1,9 @@
 """Legacy request bodies: JSON whatever the Content-Type, or PHP-style forms in bracket notation."""
 
+import json
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_options_header
@@ -17,25 +18,44 @@ BOOL_FIELDS = {"stream", "echo", "include_usage", "parallel_tool_calls", "store"
 TRUE = {"1", "true", "on", "yes"}
 FALSE = {"0", "false", "off", "no", ""}
 BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+# name=value pairs joined by &, nothing else (no white space): what http_build_query makes.
+# Names are field names (letters, digits, _.-+~, PHP's brackets, %-escapes); neither part
+# holds "&" and names hold no "=", so matching is linear.
+FORM_BODY = re.compile(rb"[\w.+~%\[\]-]+=[^&\s]*(?:&[\w.+~%\[\]-]+=[^&\s]*)*&?")
 MAX_FIELDS = 10000
+BodyKind = Literal["json", "form", "multipart"]
 
 
 def parse_legacy_body(raw: bytes, content_type: str | None) -> dict[str, Any] | None:
-    """Decode a legacy body into a dict (None when empty): forms by their type, else JSON."""
+    """Decode a legacy body into a dict (None when empty): JSON, a urlencoded form or multipart."""
     if not raw.strip():
         return None
     media, options = parse_options_header(content_type or "")
-    media = media.lower()
-    # A body that starts like JSON is JSON, whatever the header claims (curl -d, PHP
-    # clients that set the wrong type, Notepad's byte-order mark).
-    looks_json = _looks_like_json(raw)
-    if media == "multipart/form-data" and not looks_json:
+    kind = body_kind(raw, media.lower())
+    if kind == "multipart":
         pairs, _ = multipart_fields(raw, options.get("boundary"))
         return coerce_types(nest(pairs))
-    if media == "application/x-www-form-urlencoded" and not looks_json:
+    if kind == "form":
         return coerce_types(nest(urlencoded_fields(raw)))
-    # JSON with the right type, or sent as curl -d sends it (form type) or with no type.
     return coerce_types(parse_json_object(raw))
+
+
+def body_kind(raw: bytes, media: str) -> BodyKind:
+    """How to read a legacy body, by its first bytes before its (often wrong) media type.
+
+    A body that starts like JSON is JSON whatever the header claims (curl -d, PHP clients
+    that set the wrong type, Notepad's byte-order mark). Any other body is a form when its
+    type says so, or when it is made of name=value pairs: the old PHP example adds
+    `Content-Type: application/json` to an http_build_query body. The rest is read as
+    JSON, so it gets the 400 that says why it is not.
+    """
+    if _looks_like_json(raw):
+        return "json"
+    if media == "multipart/form-data":
+        return "multipart"
+    if media == "application/x-www-form-urlencoded" or FORM_BODY.fullmatch(raw.strip()):
+        return "form"
+    return "json"
 
 
 def _looks_like_json(raw: bytes) -> bool:
@@ -148,13 +168,35 @@ def _lists(node: Any) -> Any:
 
 
 def coerce_types(body: dict[str, Any]) -> dict[str, Any]:
-    """Turn string values of known numeric and boolean fields into numbers and booleans."""
+    """Give known fields OpenAI's types: numbers and booleans from strings, `user` a string."""
     for name, value in list(body.items()):
         if name in FLOAT_FIELDS | INT_FIELDS | BOOL_FIELDS:
             body[name] = _typed(name, value)
+        elif name == "user":
+            body[name] = end_user_id(value)
         elif name == "stream_options" and isinstance(value, dict):
             coerce_types(value)
     return body
+
+
+def end_user_id(value: Any) -> str | None:
+    """`user` as OpenAI takes it, a string: a whole number (a PHP integer id) as its digits.
+
+    A fraction or a boolean is refused rather than guessed at: 1e20 has already lost
+    the id's digits in the client, and true names nobody.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, bool | float):
+        shown = json.dumps(value)
+    else:
+        shown = "an array" if isinstance(value, list) else "an object"
+    raise InvalidRequest(
+        f"The user field must be a string or a whole number (an end-user id), not {shown}.",
+        param="user",
+    )
 
 
 def _typed(name: str, value: Any) -> Any:

@@ -4,6 +4,7 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from relay import pipeline
 from relay.face import Face
@@ -19,6 +20,11 @@ OWN_ENDPOINTS = {
     "billing_subscription": ("/dashboard/billing/subscription", ["GET"]),
     "billing_usage": ("/dashboard/billing/usage", ["GET"]),
 }
+# Every path the relay answers itself (/models too: it may merge several upstreams' lists),
+# with its methods. Any other method gets a 405 rather than the catch-all, which would
+# forward it upstream with the operator's key.
+OWN_PATHS = {rule: methods for rule, methods in OWN_ENDPOINTS.values()} | {"/models": ["GET"]}
+REFUSED = "wrong_method"
 
 
 def make_blueprint(face: Face, limits: Limits) -> Blueprint:
@@ -33,9 +39,11 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
     @bp.before_request
     def open_call() -> None:
         """Read the body and authenticate before the per-key limits and the view run."""
+        endpoint = (request.endpoint or "").rpartition(".")[2]
+        if endpoint == REFUSED:
+            return  # a wrong method is refused before any key is asked for, as in HTTP
         raw = read_body(request.environ, current_app.config["MAX_BODY_BYTES"])
-        own = (request.endpoint or "").rpartition(".")[2] in OWN_ENDPOINTS
-        pipeline.open_call(face, g.api_path, raw, relayed=not own)
+        pipeline.open_call(face, g.api_path, raw, relayed=endpoint not in OWN_ENDPOINTS)
 
     def own_reply(payload: dict[str, Any]) -> Response:
         """A reply of the relay's own, in the face's shape."""
@@ -65,6 +73,12 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
         """Forward the call upstream."""
         return pipeline.run(g.call, face)
 
+    def wrong_method() -> Response:
+        """Another method on one of the relay's own paths: a 405 naming the allowed ones."""
+        allowed = OWN_PATHS["/" + g.api_path]
+        automatic = ["HEAD"] if "GET" in allowed else []
+        raise MethodNotAllowed(valid_methods=[*allowed, *automatic, "OPTIONS"])
+
     own_views = {
         "relay_key": limits.exempt(relay_key),
         "billing_subscription": limits.exempt(billing_subscription),
@@ -72,10 +86,16 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
     }
     models_view = limits.per_key_rpm(models)
     relay_view = limits.per_key_rpm(relay_call)
+    refuse_view = limits.exempt(wrong_method)
     for prefix in face.prefixes:
         for endpoint, (rule, methods) in OWN_ENDPOINTS.items():
             bp.add_url_rule(prefix + rule, endpoint, own_views[endpoint], methods=methods)
         bp.add_url_rule(prefix + "/models", "models", models_view, methods=["GET"])
+        for rule, methods in OWN_PATHS.items():
+            others = [method for method in METHODS if method not in methods]
+            bp.add_url_rule(
+                prefix + rule, REFUSED, refuse_view, methods=others, provide_automatic_options=False
+            )
         bp.add_url_rule(prefix + "/<path:path>", "relay_call", relay_view, methods=METHODS)
     bp.after_request(pipeline.close_call)
     return bp

@@ -70,6 +70,21 @@ class Database:
 
     def migrate(self) -> None:
         """Create or upgrade the schema; safe to call from every worker at start."""
+        deadline = time.monotonic() + self.write_timeout
+        while True:
+            try:
+                self._migrate_once()
+                return
+            except sqlite3.OperationalError as exc:
+                # Workers starting together on a new file race to create it and switch it to
+                # WAL: SQLite refuses the loser at once (waiting could deadlock), or past the
+                # short busy timeout of a new connection. Every step is idempotent: go again.
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
+    def _migrate_once(self) -> None:
+        """One attempt at migrate: prove the file writable, switch it to WAL, apply migrations."""
         self.write(lambda conn: None)  # fail early and clearly when the file is not writable
         db = sqlite_utils.Database(self.connect())
         try:

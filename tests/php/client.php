@@ -1,12 +1,13 @@
 <?php
-// A legacy client written the way the old service's PHP users write it (php-curl, arrays).
+// A legacy client written the way the old services' PHP users write it (php-curl, arrays).
 // Usage: php client.php MODE URL KEY
-//   MODE: json | json-no-header | form | multipart | stream | error
+//   MODE: json | json-no-header | form | form-json-header | int-user | multipart | stream
+//         | error | bearer-json | bearer-form
 // Prints the raw reply body on stdout (stream: each chunk as it arrives);
 // "HTTP <status>" (and, for stream, "writes <n>") on stderr.
 
 if ($argc !== 4) {
-    fwrite(STDERR, "usage: php client.php json|json-no-header|form|multipart|stream|error URL KEY\n");
+    fwrite(STDERR, "usage: php client.php MODE URL KEY (modes: see the top of this file)\n");
     exit(2);
 }
 $mode = $argv[1];
@@ -25,6 +26,19 @@ function chat_params($key)
         $arr['messages'] = $messages;
     }
     return $arr;
+}
+
+// The 快AI docs' PHP example (002_*): the key in a Bearer header, no model, no body key.
+function bearer_params()
+{
+    $params = array();
+    $params['user'] = '张三';
+    {
+        $one = ["role" => 'user', "content" => "1+100="];
+        $messages = array(); $messages[] = $one;
+        $params['messages'] = $messages;
+    }
+    return $params;
 }
 
 $writes = 0;
@@ -50,6 +64,29 @@ switch ($mode) {
         $arr['max_tokens'] = 100;
         $arr['stream'] = false;  // http_build_query sends stream=0
         curl_setopt($ch, CURLOPT_POSTFIELDS, http_build_query($arr));
+        break;
+    case 'form-json-header':
+        // The docs' Tool::_request: an http_build_query body, with the JSON header the
+        // docs tell users to add ("post请求要自己添加请求头Content-Type: application/json").
+        curl_setopt($ch, CURLOPT_POSTFIELDS, http_build_query(chat_params($key)));
+        $headers[] = 'Content-Type: application/json';
+        break;
+    case 'int-user':
+        // A PHP integer user id: json_encode sends it as a JSON number.
+        $arr = chat_params($key);
+        $arr['user'] = 10086;
+        curl_setopt($ch, CURLOPT_POSTFIELDS, json_encode($arr));
+        $headers[] = 'Content-Type: application/json';
+        break;
+    case 'bearer-json':
+    case 'bearer-form':
+        // 快AI: "Content-Type: application/json" and "Authorization: Bearer <key>" headers;
+        // Tool::_request may json_encode the array or http_build_query it.
+        $params = bearer_params();
+        $body = $mode === 'bearer-json' ? json_encode($params) : http_build_query($params);
+        curl_setopt($ch, CURLOPT_POSTFIELDS, $body);
+        $headers[] = 'Content-Type: application/json';
+        $headers[] = 'Authorization: Bearer ' . $key;
         break;
     case 'multipart':
         // An array (not a string) makes php-curl send multipart/form-data.
