@@ -20,6 +20,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "stored_completions": ("chat/completions",),  # all but POST chat/completions itself
     "stored_responses": ("responses",),  # all but POST responses itself
     "conversations": ("conversations",),
+    # OpenAI's old account billing, but for the relay's own two answers (faces/routes.py).
+    "dashboard": ("dashboard",),
 }
 # Creating a completion or a response is a call, not a read of stored ones.
 CALLS = {("POST", "chat/completions"), ("POST", "responses")}

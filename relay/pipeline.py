@@ -160,6 +160,13 @@ def check_models(call: Call, key: KeyRecord, implied: str | None) -> None:
             "keys with a model allow-list cannot create them."
         )
     asked = call.model or implied
+    if asked is None and billing_of(call.path, call.method) in ("tokens", "units"):
+        # The upstream would pick a model itself, one the list may not hold.
+        raise ModelNotAllowed(
+            f"This key may use only some models, and this call names none: set `model` to "
+            f"one of {', '.join(key.models)}.",
+            param="model",
+        )
     if not (key.allows_model(asked) or key.allows_model(call.model_requested)):
         shown = call.model_requested or f"{implied} (the default of /{call.path})"
         raise ModelNotAllowed(f"This key may not use the model {shown!r}.", param="model")

@@ -79,3 +79,21 @@ def test_calls_of_a_keys_own_are_not_account_wide():
     assert account_group("embeddings", "POST") is None
     assert account_group("images/generations", "POST") is None
     assert account_group("filesystem", "GET") is None  # a prefix is a whole segment
+
+
+def test_the_relays_own_namespace_and_old_account_billing_are_never_forwarded(client, key, fake):
+    for path in ("/v1/relay/key/", "/v1/relay/anything", "/api/v1/relay/x/y"):
+        reply = client.post(path, json={}, headers=auth(key))
+        assert reply.status_code == 404, path
+    credit = client.get("/v1/dashboard/billing/credit_grants", headers=auth(key))
+    assert credit.status_code == 403
+    assert client.get("/v1/dashboard/billing/subscription", headers=auth(key)).status_code == 200
+    assert fake.requests == []
+
+
+def test_a_key_with_an_allow_list_must_name_its_model(client, make_key, fake):
+    narrow = make_key("narrow", models="gpt-4o")
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    reply = client.post("/v1/chat/completions", json=body, headers=auth(narrow))
+    assert reply.status_code == 403 and "names none" in reply.get_json()["error"]["message"]
+    assert fake.requests == []

@@ -4,7 +4,7 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from relay import pipeline
 from relay.face import Face
@@ -40,8 +40,8 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
     def open_call() -> None:
         """Read the body and authenticate before the per-key limits and the view run."""
         endpoint = (request.endpoint or "").rpartition(".")[2]
-        if endpoint == REFUSED:
-            return  # a wrong method is refused before any key is asked for, as in HTTP
+        if endpoint in (REFUSED, "not_ours"):
+            return  # refused before any key is asked for, as in HTTP
         raw = read_body(request.environ, current_app.config["MAX_BODY_BYTES"])
         pipeline.open_call(face, g.api_path, raw, relayed=endpoint not in OWN_ENDPOINTS)
 
@@ -73,6 +73,10 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
         """Forward the call upstream."""
         return pipeline.run(g.call, face)
 
+    def not_ours(rest: str) -> Response:
+        """/relay/… is the relay's own namespace: an unknown path there is a 404, never sent."""
+        raise NotFound()
+
     def wrong_method() -> Response:
         """Another method on one of the relay's own paths: a 405 naming the allowed ones."""
         allowed = OWN_PATHS["/" + g.api_path]
@@ -96,6 +100,9 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
             bp.add_url_rule(
                 prefix + rule, REFUSED, refuse_view, methods=others, provide_automatic_options=False
             )
+        bp.add_url_rule(
+            prefix + "/relay/<path:rest>", "not_ours", limits.exempt(not_ours), methods=METHODS
+        )
         bp.add_url_rule(prefix + "/<path:path>", "relay_call", relay_view, methods=METHODS)
     bp.after_request(pipeline.close_call)
     return bp
