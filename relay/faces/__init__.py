@@ -6,7 +6,7 @@ one blueprint built from it; everything else is the shared pipeline.
 
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask
 
 from relay.errors import ErrorShaper
 from relay.face import Face
@@ -30,10 +30,10 @@ def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:
 def error_shaper(faces: list[Face]) -> ErrorShaper:
     """The error-body shaper for errors.init_app: the shape of the face a URL belongs to."""
 
-    def shape(status: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Wrap an error body as the face of the current request's URL does."""
+    def shape(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Wrap an error body as the face of a URL path does."""
         for face in faces:
-            if face.api_path(request.path) is not None:
+            if face.api_path(path) is not None:
                 return face.shape_error(status, body)
         return body
 
