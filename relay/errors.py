@@ -8,6 +8,7 @@
     ├── EndpointNotAllowed   403 endpoint_not_allowed
     ├── NotFound             404 not_found
     ├── MethodNotAllowed     405 method_not_allowed
+    ├── RequestTimeout       408 request_timeout
     ├── RequestTooLarge      413 request_too_large
     ├── QuotaExceeded        429 insufficient_user_quota
     ├── RateLimited          429 rate_limit_exceeded (with Retry-After)
@@ -95,6 +96,12 @@ class MethodNotAllowed(RelayError):
     """The route exists but not for this method."""
 
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTimeout(RelayError):
+    """The client did not send its whole request body in time (RELAY_CLIENT_BODY_TIMEOUT)."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class RequestTooLarge(RelayError):

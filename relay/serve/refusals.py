@@ -11,6 +11,10 @@ from http import HTTPStatus
 from gunicorn.http import errors as http_errors
 
 
+class HeadTimeout(Exception):
+    """A new connection did not send its whole request head within RELAY_CLIENT_HEADER_TIMEOUT."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     """The reply to a request the app never saw."""
@@ -31,8 +35,9 @@ class Refusal:
         return self.type != "server_error"
 
 
-# A chunked body gunicorn could not parse. One reaching the worker's handle_error comes
-# from gunicorn draining a body the app left unread, after the reply went out.
+# A chunked body gunicorn could not parse. The app's own reads turn these into a 400
+# (client_guard.GuardedBody); one reaching the worker comes from gunicorn draining a
+# body the app left unread, after the reply went out.
 BODY_ERRORS: tuple[type[Exception], ...] = (
     http_errors.InvalidChunkSize,
     http_errors.ChunkMissingTerminator,
@@ -50,6 +55,10 @@ BAD_REQUEST = "invalid_request"
 # names for the status, as the app's own errors use. The messages are fixed on purpose:
 # gunicorn's own quote the client's bytes, and a malformed header line may hold a key.
 REFUSALS: list[tuple[type[BaseException], Refusal]] = [
+    (
+        HeadTimeout,
+        Refusal(408, "request_timeout", "The request head did not arrive in time."),
+    ),
     (
         http_errors.LimitRequestLine,
         Refusal(414, "request_uri_too_large", "The request line is longer than 8190 bytes."),

@@ -1,6 +1,7 @@
-"""The Procfile's worker class: gunicorn's gevent worker with batched accepts, refusing in JSON."""
+"""The Procfile's worker class: gunicorn's gevent worker with batched accepts and client guards."""
 
 import socket
+import weakref
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from gunicorn.http.message import Request
 from gunicorn.http.wsgi import Response, default_environ
 from gunicorn.workers import ggevent
 
-from relay.serve.refusals import BODY_ERRORS, Refusal, refusal_for
+from relay.serve.refusals import BODY_ERRORS, HeadTimeout, Refusal, refusal_for
 
 if TYPE_CHECKING:
     from relay.serve.client_guard import ClientGuard
@@ -46,13 +47,21 @@ class BatchAcceptServer(StreamServer):
 
 
 class GeventWorker(ggevent.GeventWorker):
-    """gunicorn's gevent worker with BatchAcceptServer listeners, refusing in JSON.
+    """gunicorn's gevent worker with BatchAcceptServer listeners and deadlines on clients.
 
-    Whatever gunicorn refuses itself is answered in OpenAI's JSON error shape instead of
-    its HTML page.
+    A new connection has RELAY_CLIENT_HEADER_TIMEOUT to send its request head (then a 408);
+    between requests gunicorn's keepalive bounds the wait, as before. A request body has
+    RELAY_CLIENT_BODY_TIMEOUT to arrive (client_guard.GuardedBody). Whatever gunicorn
+    refuses itself is answered in OpenAI's JSON error shape instead of its HTML page.
     """
 
     guard: "ClientGuard"  # set by load_wsgi, before the worker serves anything
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The greenlets of connections that have had a request: their next head is a
+        # keep-alive wait, bounded by gunicorn's keepalive rather than the header timeout.
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def run(self) -> None:
         """Serve as gunicorn does; its run() builds each listener's server by this module name."""
@@ -60,13 +69,28 @@ class GeventWorker(ggevent.GeventWorker):
         super().run()
 
     def load_wsgi(self) -> None:
-        """Load the app, then the guard that answers in its faces' shapes."""
+        """Load the app, then take the client deadlines from its settings."""
         super().load_wsgi()
         # Imported here, in the worker: client_guard imports Flask, and gunicorn's master
         # imports this module (to find the worker class) before any worker patches.
         from relay.serve.client_guard import ClientGuard  # noqa: PLC0415
 
         self.guard = ClientGuard(self.wsgi)
+
+    def timeout_ctx(self) -> Any:
+        """The bound on reading the next request head of the current connection."""
+        if gevent.getcurrent() in self._served:
+            return super().timeout_ctx()
+        return self.guard.head_deadline()
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        """Serve one request with its body under the body deadline."""
+        self._served.add(gevent.getcurrent())
+        body = self.guard.guard_body(req)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            body.armed = False
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Answer what gunicorn refused in OpenAI's JSON error shape (gunicorn's is HTML)."""
@@ -78,7 +102,9 @@ class GeventWorker(ggevent.GeventWorker):
             self.log.debug("closing a connection whose unread body was malformed: %s", ip)
             return
         refusal = refusal_for(exc)
-        if refusal.client_error:
+        if isinstance(exc, HeadTimeout):
+            self.log.debug("request head from %s timed out", ip)
+        elif refusal.client_error:
             # One line, no traceback and none of the client's bytes (they may hold a key).
             name = type(exc).__name__
             self.log.info("refused a request from %s: %s %s", ip, refusal.status, name)
@@ -91,7 +117,8 @@ class GeventWorker(ggevent.GeventWorker):
         data = self.guard.reply(refusal, path)
         try:
             util.write_nonblock(client, data)
-            _linger(client)
+            if not isinstance(exc, HeadTimeout):  # its slot is freed at once
+                _linger(client)
         except OSError:
             self.log.debug("Failed to send error message.")
         if isinstance(req, Request):
