@@ -70,7 +70,8 @@ def request(line, headers=(), body=b"", host=b"x"):
 def timed_get(port, path="/healthz", timeout=10.0):
     """(seconds, reply) of a GET on a fresh connection."""
     started = time.monotonic()
-    reply = exchange(port, request(b"GET " + path.encode() + b" HTTP/1.1", [b"Connection: close"]))
+    line = b"GET " + path.encode() + b" HTTP/1.1"
+    reply = exchange(port, request(line, [b"Connection: close"]), timeout=timeout)
     return time.monotonic() - started, reply
 
 
