@@ -5,6 +5,7 @@ from typing import Any
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import PathConverter
 
 from relay import config as relay_config
 from relay import errors, faces
@@ -25,6 +26,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         template_folder="web/templates",
         static_folder="web/static",
     )
+    _no_redirects(app)
     relay_config.configure(app, test_config)
     _configure_logging(app)
     if app.config["PROXY_COUNT"]:
@@ -47,6 +49,25 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     keyholder.init_app(app)
     cli.init_app(app)
     return app
+
+
+class SegmentsConverter(PathConverter):
+    """`<path:...>` without empty segments: `chat//completions` is no path of the API's."""
+
+    regex = "[^/]+(?:/[^/]+)*/?"
+
+
+def _no_redirects(app: Flask) -> None:
+    """Route every URL as it is spelt: werkzeug builds its redirects from the Host header.
+
+    It redirects `/v1//chat/completions` to `http://<Host>/v1/chat/completions`
+    (merge_slashes), so whoever sets Host picks where the client is sent. Here a doubled
+    slash matches no rule and `<path>` parts have no empty segments: a JSON 404, like any
+    unknown URL. Werkzeug also redirects a URL missing a rule's trailing slash: each such
+    rule has its twin without the slash, or is not strict (`/`, in web/keyholder.py).
+    """
+    app.url_map.merge_slashes = False
+    app.url_map.converters["path"] = SegmentsConverter
 
 
 def open_store(config: dict[str, Any]) -> Store:

@@ -56,6 +56,8 @@ DEFAULTS = {
     "RESERVE_COMPLETION_TOKENS": 1000,  # reserved for the answer of a call without max_tokens
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
+    "CLIENT_HEADER_TIMEOUT": 10.0,  # seconds a new connection has to send its request head
+    "CLIENT_BODY_TIMEOUT": 60.0,  # seconds a request body has to arrive in full
     "SECRET_KEY": None,  # signs admin sessions; default: random, kept in instance/secret_key
     "SESSION_COOKIE_SECURE": False,  # Flask's own setting: on when served over HTTPS
     "LOG_LEVEL": "INFO",
@@ -81,6 +83,8 @@ FLOAT_SETTINGS = {
     "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),
     "UPSTREAM_COOLDOWN": (0.0, 86400.0),
     "DB_WRITE_TIMEOUT": (0.1, 3600.0),
+    "CLIENT_HEADER_TIMEOUT": (0.1, 600.0),
+    "CLIENT_BODY_TIMEOUT": (0.1, 3600.0),
     "STREAM_MAX_PAUSE": (0.0, 5.0),
     "TOKENS_PER_MONEY": (0.0, 1e12),
     "AUTH_BLOCK_SECONDS": (1.0, 86400.0 * 7),

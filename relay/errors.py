@@ -8,6 +8,7 @@
     ├── EndpointNotAllowed   403 endpoint_not_allowed
     ├── NotFound             404 not_found
     ├── MethodNotAllowed     405 method_not_allowed
+    ├── RequestTimeout       408 request_timeout
     ├── RequestTooLarge      413 request_too_large
     ├── QuotaExceeded        429 insufficient_user_quota
     ├── RateLimited          429 rate_limit_exceeded (with Retry-After)
@@ -17,7 +18,9 @@
 
 Werkzeug's HTTP errors and flask-limiter's 429 are mapped onto these; anything else is
 logged and answered as a plain 500. A face may wrap the body (the legacy face adds its
-`code`/`msg` envelope) through the shaper given to `init_app`.
+`code`/`msg` envelope) through the shaper given to `init_app`. What gunicorn refuses
+before the app runs (a malformed request head) gets the same body from the worker
+(relay/serve/worker.py), built by `error_body` too.
 """
 
 import json
@@ -33,8 +36,8 @@ from relay.call import as_outcome
 
 log = logging.getLogger("relay")
 SHAPER = "relay_error_shaper"
-# Adds a face's envelope to an error body: (status, OpenAI error body) -> reply body.
-ErrorShaper = Callable[[int, dict[str, Any]], dict[str, Any]]
+# Adds a face's envelope to an error body: (URL path, status, OpenAI error body) -> reply body.
+ErrorShaper = Callable[[str, int, dict[str, Any]], dict[str, Any]]
 
 
 class RelayError(Exception):
@@ -95,6 +98,12 @@ class MethodNotAllowed(RelayError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class RequestTimeout(RelayError):
+    """The client did not send its whole request body in time (RELAY_CLIENT_BODY_TIMEOUT)."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class RequestTooLarge(RelayError):
     """The body is over RELAY_MAX_BODY_BYTES."""
 
@@ -152,7 +161,7 @@ def error_response(err: RelayError) -> Response:
     body = error_body(err.message, err.type, err.code, err.param)
     shape: ErrorShaper | None = current_app.extensions.get(SHAPER)
     if shape is not None:
-        body = shape(err.status, body)
+        body = shape(request.path, err.status, body)
     response = current_app.response_class(
         json.dumps(body, ensure_ascii=False), status=err.status, mimetype="application/json"
     )

@@ -103,6 +103,17 @@ def test_defaults_and_env_conversion(tmp_path):
     assert settings["DEFAULT_COMPLETION_MODEL"] == "gpt-3.5-turbo-instruct"
 
 
+def test_client_timeouts_have_defaults_and_bounds(tmp_path):
+    base = {"RELAY_UPSTREAM_BASE_URL": "http://x/v1", "RELAY_UPSTREAM_API_KEY": "k"}
+    settings = load_settings(str(tmp_path), environ=base)
+    assert (settings["CLIENT_HEADER_TIMEOUT"], settings["CLIENT_BODY_TIMEOUT"]) == (10.0, 60.0)
+    settings = load_settings(str(tmp_path), environ={**base, "RELAY_CLIENT_BODY_TIMEOUT": "2.5"})
+    assert settings["CLIENT_BODY_TIMEOUT"] == 2.5
+    for name in ("RELAY_CLIENT_HEADER_TIMEOUT", "RELAY_CLIENT_BODY_TIMEOUT"):
+        with pytest.raises(ConfigError, match=f"{name} must be at least 0.1"):
+            load_settings(str(tmp_path), environ={**base, name: "0"})
+
+
 def test_unwritable_database_is_a_config_error(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

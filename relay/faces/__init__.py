@@ -6,7 +6,7 @@ one blueprint built from it; everything else is the shared pipeline.
 
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask
 
 from relay.errors import ErrorShaper
 from relay.face import Face
@@ -33,11 +33,11 @@ def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:
 def error_shaper(faces: list[Face]) -> ErrorShaper:
     """The error-body shaper for errors.init_app: the shape of the face a URL belongs to."""
 
-    def shape(status: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Wrap an error body as the face owning the current request's URL does."""
+    def shape(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Wrap an error body as the face owning a URL path does."""
         for face in faces:
-            if face.owns(request.path):
-                hint = face.explain_not_found(request.path) if status == 404 else ""
+            if face.owns(path):
+                hint = face.explain_not_found(path) if status == 404 else ""
                 if hint:
                     body["error"]["message"] += " " + hint
                 return face.shape_error(status, body)

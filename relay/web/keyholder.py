@@ -24,14 +24,16 @@ def page(status: int = 200, headers: dict[str, str] | None = None, **context: An
     return render_template("keyholder.html", **context), status, headers or {}
 
 
-@bp.get("/")
+# Not strict: werkzeug would redirect the empty path (`GET http://host HTTP/1.1`) to `/`
+# on the Host header's host (see app._no_redirects).
+@bp.get("/", strict_slashes=False)
 @bp.get("/usage")
 def form() -> Page:
     """The form: the key is sent by POST, so it never lands in a URL, a log line or history."""
     return page()
 
 
-@bp.post("/")
+@bp.post("/", strict_slashes=False)
 @bp.post("/usage")
 def lookup() -> Page:
     """Check the pasted key and show its own numbers; nothing about any other key."""
