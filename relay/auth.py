@@ -36,13 +36,13 @@ def verify(check: Callable[[], T]) -> T:
         raise
 
 
-def find_client_key(headers: HeaderSource, body: Any) -> str | None:
-    """Return the key from Authorization: Bearer, the body field, or api-key headers (or None)."""
+def find_client_key(headers: HeaderSource, body: Any, form_key: str | None = None) -> str | None:
+    """Return the key from Authorization: Bearer, the body field (JSON, or a form field taken
+    out of a form body), or api-key headers (or None)."""
     token = bearer_token(headers)
     if token:
         return token
-    if isinstance(body, dict):
-        value = body.get(BODY_KEY_FIELD)
+    for value in (body.get(BODY_KEY_FIELD) if isinstance(body, dict) else None, form_key):
         if isinstance(value, str) and value.strip():
             return value.strip()
     for name in KEY_HEADERS:

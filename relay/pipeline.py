@@ -36,7 +36,9 @@ log = logging.getLogger("relay")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
+def open_call(
+    face: Face, path: str, raw: bytes, relayed: bool = True, form_key: str | None = None
+) -> Call:
     """Parse the body, find and check the key, and describe the call; stored as g.call.
 
     `relayed` is False for the relay's own endpoints (balance): they authenticate the
@@ -55,7 +57,7 @@ def open_call(face: Face, path: str, raw: bytes, relayed: bool = True) -> Call:
     call.json = face.parse_body(raw, call.method, path, call.content_type)
     if call.json is not None and raw.lstrip().startswith(UTF8_BOM):
         call.body_changed = True  # re-encoded without it: upstreams refuse JSON behind a BOM
-    key = find_client_key(request.headers, call.json)
+    key = find_client_key(request.headers, call.json, form_key)
     if strip_body_key(call.json):
         call.body_changed = True
     call.key = verify(lambda: authenticate(current.store.keys, key))

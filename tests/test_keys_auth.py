@@ -126,3 +126,31 @@ def test_cli_rejects_bad_values(runner):
     bad_date = runner.invoke(args=["keys", "create", "x", "--expires", "tomorrow"])
     assert bad_date.exit_code != 0 and "2026-12-31" in bad_date.output
     assert runner.invoke(args=["keys", "create", "y", "--rpm", "0"]).exit_code != 0
+
+
+@pytest.mark.parametrize("quoted", [True, False])
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/api/v1/audio/transcriptions"])
+def test_a_key_in_a_multipart_field_never_reaches_the_upstream(client, key, fake, path, quoted):
+    name = '"api_secret_key"' if quoted else "api_secret_key"
+    body = (
+        f"--b\r\nContent-Disposition: form-data; name={name}\r\n\r\n{key}\r\n"
+        '--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        '--b\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n'
+        "Content-Type: audio/mpeg\r\n\r\n" + "x" * 100 + "\r\n--b--\r\n"
+    ).encode()
+    reply = client.post(
+        path, data=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert reply.status_code == 200
+    sent = fake.requests[-1]
+    assert key.encode() not in sent.body and b"api_secret_key" not in sent.body
+    assert b"whisper-1" in sent.body and b"x" * 100 in sent.body
+
+
+def test_a_key_in_a_urlencoded_field_never_reaches_the_upstream(client, key, fake):
+    body = f"api_secret_key={key}&purpose=fine-tune".encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    reply = client.post("/v1/some/form/endpoint", data=body, headers=headers)
+    assert reply.status_code == 404  # the fake does not know the path; the relay forwarded it
+    sent = fake.requests[-1]
+    assert sent.body == b"purpose=fine-tune" and key.encode() not in sent.body

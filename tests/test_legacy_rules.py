@@ -1,6 +1,7 @@
 """Legacy body decoding, chat rules and the estimate rule, checked piece by piece."""
 
 import io
+import time
 
 import pytest
 from conftest import auth, close_app
@@ -292,3 +293,43 @@ def test_legacy_upload_keeps_multipart_and_drops_key(client, key, fake):
     assert audio in received.body and key.encode() not in received.body
     assert b'name="model"' in received.body
     assert reply.get_json()["code"] == 0
+
+
+def test_a_form_of_many_appended_fields_is_read_in_linear_time():
+    pairs = [("a[]", "1")] * 9000 + [("b[5]", "x"), ("b[]", "y")]
+    started = time.perf_counter()
+    body = nest(pairs)
+    assert time.perf_counter() - started < 0.5  # quadratic took seconds here
+    assert len(body["a"]) == 9000 and body["b"] == {"5": "x", "6": "y"}
+
+
+@pytest.mark.parametrize("depth", [33, 600])
+def test_deeply_nested_form_names_are_a_400(depth):
+    name = "a" + "[x]" * depth
+    with pytest.raises(InvalidRequest, match="nested"):
+        nest([(name, "1")])
+
+
+def test_long_digit_runs_are_names_not_indexes():
+    body = nest([("a[" + "9" * 5000 + "]", "1"), ("a[]", "2")])
+    assert body["a"] == {"9" * 5000: "1", "0": "2"}
+
+
+def test_the_form_bomb_is_cheap_and_deep_multipart_names_a_400(client, fake):
+    bomb = "&".join(["a[]=1"] * 9000).encode()
+    started = time.perf_counter()
+    reply = client.post(
+        "/api/v1/chat/completions",
+        data=bomb,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 401 and time.perf_counter() - started < 1.0
+    name = "a" + "[x]" * 600
+    deep = f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n1\r\n--b--\r\n'
+    reply = client.post(
+        "/api/v1/chat/completions",
+        data=deep.encode(),
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert reply.status_code == 400 and "nested" in reply.get_json()["msg"]
+    assert fake.requests == []

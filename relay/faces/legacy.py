@@ -5,7 +5,7 @@ from typing import Any
 
 from relay.call import Call
 from relay.face import Face
-from relay.faces.legacy_body import drop_multipart_field, multipart_has_files, parse_legacy_body
+from relay.faces.legacy_body import multipart_has_files, parse_legacy_body
 from relay.faces.legacy_chat import check_messages, trim_history
 from relay.tokens import GENERATION_PATHS, legacy_estimate_tokens, prompt_text, reply_text
 from relay.upstream import Relayed
@@ -55,8 +55,7 @@ class LegacyFace(Face):
         if body is None:
             return
         if multipart_has_files(call.body, call.content_type):
-            # An upload: pass the multipart body on, minus the key field.
-            call.body = drop_multipart_field(call.body, call.content_type, "api_secret_key")
+            # An upload: pass the multipart body on (its key field was taken out on arrival).
             call.json = None
             return
         if call.path == "chat/completions":

@@ -23,6 +23,8 @@ BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 # holds "&" and names hold no "=", so matching is linear.
 FORM_BODY = re.compile(rb"[\w.+~%\[\]-]+=[^&\s]*(?:&[\w.+~%\[\]-]+=[^&\s]*)*&?")
 MAX_FIELDS = 10000
+MAX_DEPTH = 32  # levels of brackets in one field name
+MAX_INDEX_DIGITS = 9  # a longer run of digits is a name, not an index
 BodyKind = Literal["json", "form", "multipart"]
 
 
@@ -120,25 +122,29 @@ def multipart_has_files(raw: bytes, content_type: str | None) -> bool:
     return multipart_fields(raw, options["boundary"])[1]
 
 
-def drop_multipart_field(raw: bytes, content_type: str | None, field: str) -> bytes:
-    """The multipart body without the parts named `field`, other bytes untouched."""
-    _, options = parse_options_header(content_type or "")
-    delimiter = b"--" + options["boundary"].encode("latin-1")
-    pieces = raw.split(delimiter)
-    marker = f'name="{field}"'.encode()
-    kept = [p for p in pieces if marker not in p.split(b"\r\n\r\n", 1)[0]]
-    return delimiter.join(kept)
-
-
 def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Build nested dicts/lists from PHP bracket names: messages[0][role]=user, stop[]=x."""
+    """Build nested dicts/lists from PHP bracket names: messages[0][role]=user, stop[]=x.
+
+    Linear in the number of fields: each object remembers the next index `[]` gets
+    (recomputing it per field made 60 KB of `a[]=1&a[]=1…` freeze a worker). Names
+    nested deeper than MAX_DEPTH are a 400, as PHP caps max_input_nesting_level.
+    """
     root: dict[str, Any] = {}
+    next_index: dict[int, int] = {}  # id(object) -> what its next `[]` is
     for name, value in pairs:
         head, _, _ = name.partition("[")
         path = [head, *BRACKETS.findall(name[len(head) :])] if "[" in name else [name]
+        if len(path) > MAX_DEPTH:
+            raise InvalidRequest(
+                f"Form field names may be nested {MAX_DEPTH} levels deep at most.", param=head
+            )
         node = root
         for depth, part in enumerate(path):
-            segment = part or str(_next_index(node))
+            segment = part if part else str(next_index.get(id(node), 0))
+            if _is_index(segment):
+                number = int(segment) + 1
+                if number > next_index.get(id(node), 0):
+                    next_index[id(node)] = number
             if depth == len(path) - 1:
                 node[segment] = value
             else:
@@ -151,10 +157,9 @@ def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return {name: _lists(value) for name, value in root.items()}
 
 
-def _next_index(node: dict[str, Any]) -> int:
-    """PHP's `[]`: one past the largest integer key so far."""
-    numbers = [int(k) for k in node if k.isdigit()]
-    return max(numbers) + 1 if numbers else 0
+def _is_index(segment: str) -> bool:
+    """Whether a bracket segment is a list index (PHP: a plain non-negative integer)."""
+    return segment.isdigit() and segment.isascii() and len(segment) <= MAX_INDEX_DIGITS
 
 
 def _lists(node: Any) -> Any:
@@ -162,7 +167,7 @@ def _lists(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     converted = {k: _lists(v) for k, v in node.items()}
-    if converted and {k for k in converted} == {str(i) for i in range(len(converted))}:
+    if converted and set(converted) == {str(i) for i in range(len(converted))}:
         return [converted[str(i)] for i in range(len(converted))]
     return converted
 

@@ -3,6 +3,9 @@
 import json
 import math
 from typing import Any, NoReturn
+from urllib.parse import unquote_plus
+
+from werkzeug.http import parse_options_header
 
 from relay.errors import InvalidRequest, RequestTooLarge
 
@@ -117,3 +120,57 @@ def looks_like_json(content_type: str | None, raw: bytes) -> bool:
     if media in ("", "text/plain", "application/x-www-form-urlencoded"):
         return raw.lstrip()[:1] == b"{"
     return False
+
+
+def take_form_key(raw: bytes, content_type: str | None, field: str) -> tuple[bytes, str | None]:
+    """A form or multipart body without its `field` parts, and the first one's value.
+
+    A client key sent as a form field must never travel on to the upstream, whichever
+    face the body came in on and however the part names it (`name="f"` or `name=f`).
+    Other bodies are returned as they came.
+    """
+    media, options = parse_options_header(content_type or "")
+    media = media.lower()
+    if media == "application/x-www-form-urlencoded" and field.encode() in raw:
+        return _take_urlencoded(raw, field)
+    if media == "multipart/form-data" and options.get("boundary") and field.encode() in raw:
+        return _take_multipart(raw, options["boundary"].encode("latin-1"), field)
+    return raw, None
+
+
+def _take_urlencoded(raw: bytes, field: str) -> tuple[bytes, str | None]:
+    """The urlencoded pairs without `field` (other pairs byte for byte), and its value."""
+    kept, value = [], None
+    for pair in raw.split(b"&"):
+        name, _, text = pair.partition(b"=")
+        if unquote_plus(name.decode("latin-1")) == field:
+            if value is None:
+                value = unquote_plus(text.decode("latin-1"), encoding="utf-8", errors="replace")
+            continue
+        kept.append(pair)
+    return b"&".join(kept), value
+
+
+def _take_multipart(raw: bytes, boundary: bytes, field: str) -> tuple[bytes, str | None]:
+    """The multipart body without the parts named `field` (other bytes untouched), and the
+    first one's value."""
+    delimiter = b"--" + boundary
+    pieces = raw.split(delimiter)
+    kept, value = [pieces[0]], None
+    for piece in pieces[1:]:
+        head, _, content = piece.partition(b"\r\n\r\n")
+        if _part_name(head) == field:
+            if value is None:
+                value = content.removesuffix(b"\r\n").decode("utf-8", "replace")
+            continue
+        kept.append(piece)
+    return delimiter.join(kept), value
+
+
+def _part_name(head: bytes) -> str | None:
+    """The `name` of a multipart part's Content-Disposition header, quoted or not."""
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            return parse_options_header(value.decode("latin-1"))[1].get("name")
+    return None

@@ -7,9 +7,10 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from relay import pipeline
+from relay.auth import BODY_KEY_FIELD
 from relay.face import Face
 from relay.faces import balance
-from relay.faces.request_body import read_body
+from relay.faces.request_body import read_body, take_form_key
 from relay.limits import Limits
 from relay.state import state
 
@@ -43,7 +44,9 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
         if endpoint in (REFUSED, "not_ours"):
             return  # refused before any key is asked for, as in HTTP
         raw = read_body(request.environ, current_app.config["MAX_BODY_BYTES"])
-        pipeline.open_call(face, g.api_path, raw, relayed=endpoint not in OWN_ENDPOINTS)
+        raw, form_key = take_form_key(raw, request.content_type, BODY_KEY_FIELD)
+        relayed = endpoint not in OWN_ENDPOINTS
+        pipeline.open_call(face, g.api_path, raw, relayed, form_key)
 
     def own_reply(payload: dict[str, Any]) -> Response:
         """A reply of the relay's own, in the face's shape."""
