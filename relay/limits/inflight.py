@@ -18,7 +18,7 @@ LEASE_SECONDS = 3600
 class Inflight(Protocol):
     """Where calls-at-once leases live: take one per call, give it back when the call ends."""
 
-    def acquire(self, key_id: int, limit: int) -> Any:
+    def acquire(self, limit_id: str, limit: int) -> Any:
         """Take a slot for the key; None when `limit` calls already hold one."""
 
     def release(self, lease: Any) -> None:
@@ -41,30 +41,32 @@ class SQLiteInflight:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Named key_leases: the `leases` table of earlier versions counted by row id.
         self.db.write(
             lambda conn: conn.execute(
-                "CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, key_id INTEGER "
+                "CREATE TABLE IF NOT EXISTS key_leases (id INTEGER PRIMARY KEY, limit_id TEXT "
                 "NOT NULL, pid INTEGER NOT NULL, expires_at REAL NOT NULL)"
             )
         )
 
-    def acquire(self, key_id: int, limit: int) -> Any:
+    def acquire(self, limit_id: str, limit: int) -> Any:
         """Take a slot for the key; None when `limit` calls already hold one."""
         pid = os.getpid()
 
         def take(conn: sqlite3.Connection) -> int | None:
             now = time.time()
             rows = conn.execute(
-                "SELECT id, pid FROM leases WHERE key_id = ? AND expires_at > ?", (key_id, now)
+                "SELECT id, pid FROM key_leases WHERE limit_id = ? AND expires_at > ?",
+                (limit_id, now),
             ).fetchall()
             if len(rows) >= limit:
                 dead = [row[0] for row in rows if not _alive(row[1])]
                 if len(rows) - len(dead) >= limit:
                     return None
-                conn.executemany("DELETE FROM leases WHERE id = ?", [(d,) for d in dead])
+                conn.executemany("DELETE FROM key_leases WHERE id = ?", [(d,) for d in dead])
             cursor = conn.execute(
-                "INSERT INTO leases (key_id, pid, expires_at) VALUES (?, ?, ?)",
-                (key_id, pid, now + LEASE_SECONDS),
+                "INSERT INTO key_leases (limit_id, pid, expires_at) VALUES (?, ?, ?)",
+                (limit_id, pid, now + LEASE_SECONDS),
             )
             return cursor.lastrowid
 
@@ -72,7 +74,7 @@ class SQLiteInflight:
 
     def release(self, lease: Any) -> None:
         """Give a slot back."""
-        self.db.write(lambda conn: conn.execute("DELETE FROM leases WHERE id = ?", (lease,)))
+        self.db.write(lambda conn: conn.execute("DELETE FROM key_leases WHERE id = ?", (lease,)))
 
 
 ACQUIRE_SCRIPT = """
@@ -92,37 +94,37 @@ class RedisInflight:
         self.script = self.redis.register_script(ACQUIRE_SCRIPT)
 
     @staticmethod
-    def _set(key_id: int) -> str:
+    def _set(limit_id: str) -> str:
         """The sorted set's name."""
-        return f"relay:inflight:{key_id}"
+        return f"relay:inflight:{limit_id}"
 
-    def acquire(self, key_id: int, limit: int) -> Any:
+    def acquire(self, limit_id: str, limit: int) -> Any:
         """Take a slot for the key; None when `limit` calls already hold one."""
         member = uuid.uuid4().hex
         now = time.time()
         args = [now, limit, now + LEASE_SECONDS, member, LEASE_SECONDS]
-        if self.script(keys=[self._set(key_id)], args=args):
-            return (key_id, member)
+        if self.script(keys=[self._set(limit_id)], args=args):
+            return (limit_id, member)
         return None
 
     def release(self, lease: Any) -> None:
         """Give a slot back."""
-        key_id, member = lease
-        self.redis.zrem(self._set(key_id), member)
+        limit_id, member = lease
+        self.redis.zrem(self._set(limit_id), member)
 
 
 class MemoryInflight:
     """Counters in this process only, for the memory:// storage (one worker, tests)."""
 
     def __init__(self) -> None:
-        self.slots: dict[int, int] = {}
+        self.slots: dict[str, int] = {}
 
-    def acquire(self, key_id: int, limit: int) -> Any:
+    def acquire(self, limit_id: str, limit: int) -> Any:
         """Take a slot for the key; None when `limit` calls already hold one."""
-        if self.slots.get(key_id, 0) >= limit:
+        if self.slots.get(limit_id, 0) >= limit:
             return None
-        self.slots[key_id] = self.slots.get(key_id, 0) + 1
-        return key_id
+        self.slots[limit_id] = self.slots.get(limit_id, 0) + 1
+        return limit_id
 
     def release(self, lease: Any) -> None:
         """Give a slot back."""

@@ -37,15 +37,15 @@ class KeyLimits:
         tpm = self._tpm(key)
         if tpm:
             item = RateLimitItemPerMinute(tpm)
-            if not self.tokens.test(item, "relay", "tpm", str(key.id)):
-                reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", str(key.id))
+            if not self.tokens.test(item, "relay", "tpm", key.limit_id):
+                reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", key.limit_id)
                 raise RateLimited(
                     f"Token rate limit reached for this key: {tpm} tokens per minute.",
                     headers=retry_headers(tpm, reset_at),
                 )
         cap = self._max_concurrent(key)
         if cap:
-            lease = self.inflight.acquire(key.id, cap)
+            lease = self.inflight.acquire(key.limit_id, cap)
             if lease is None:
                 raise RateLimited(
                     f"This key already has {cap} calls in flight, its limit; retry when one ends.",
@@ -65,4 +65,4 @@ class KeyLimits:
         tpm = self._tpm(call.key) if call.key is not None else None
         if call.key is not None and tpm and call.usage.total > 0:
             item = RateLimitItemPerMinute(tpm)
-            self.tokens.hit(item, "relay", "tpm", str(call.key.id), cost=call.usage.total)
+            self.tokens.hit(item, "relay", "tpm", call.key.limit_id, cost=call.usage.total)

@@ -19,9 +19,10 @@ def client_address() -> str:
 
 
 def _key_scope() -> str:
-    """Rate-limit identity of the calling key: its id, never the key or its header."""
+    """Rate-limit identity of the calling key: its limit id (the same on every instance),
+    never the key, its hash or its header, nor a row id that differs between databases."""
     call = g.get("call")
-    return f"key:{call.key.id}" if call is not None and call.key is not None else ""
+    return f"key:{call.key.limit_id}" if call is not None and call.key is not None else ""
 
 
 def _key_rpm() -> str:
