@@ -32,6 +32,7 @@ DEFAULTS = {
     "DEFAULT_MODEL": "gpt-3.5",
     "RATELIMIT_STORAGE_URI": None,  # default: sqlite:///instance/ratelimit.sqlite
     "RATELIMIT_STRATEGY": "fixed-window",
+    "RATELIMIT_STORAGE_TIMEOUT": 0.25,  # seconds Redis may take before limits fail open
     "DEFAULT_RPM": None,
     "DEFAULT_TPM": None,
     "DEFAULT_MAX_CONCURRENT": None,
@@ -74,6 +75,7 @@ INT_SETTINGS = {
     "RESERVE_COMPLETION_TOKENS": (0, None),
 }
 FLOAT_SETTINGS = {
+    "RATELIMIT_STORAGE_TIMEOUT": (0.01, 30.0),
     "UPSTREAM_CONNECT_TIMEOUT": (0.05, 600.0),
     "UPSTREAM_READ_TIMEOUT": (0.05, 3600.0),
     "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),

@@ -18,6 +18,8 @@ LEASE_SECONDS = 3600
 class Inflight(Protocol):
     """Where calls-at-once leases live: take one per call, give it back when the call ends."""
 
+    errors: tuple[type[Exception], ...]  # what a failing store raises (the caller fails open)
+
     def acquire(self, limit_id: str, limit: int) -> Any:
         """Take a slot for the key; None when `limit` calls already hold one."""
 
@@ -38,6 +40,8 @@ def _alive(pid: int) -> bool:
 
 class SQLiteInflight:
     """Leases in the rate-limit SQLite file; leases of dead workers are reclaimed at the cap."""
+
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -90,6 +94,7 @@ class RedisInflight:
     """Leases as members of a Redis sorted set per key, scored by their expiry."""
 
     def __init__(self, storage: Any) -> None:
+        self.errors = _as_tuple(storage.base_exceptions)
         self.redis = storage.get_connection()
         self.script = self.redis.register_script(ACQUIRE_SCRIPT)
 
@@ -116,6 +121,8 @@ class RedisInflight:
 class MemoryInflight:
     """Counters in this process only, for the memory:// storage (one worker, tests)."""
 
+    errors: tuple[type[Exception], ...] = ()
+
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
 
@@ -129,6 +136,11 @@ class MemoryInflight:
     def release(self, lease: Any) -> None:
         """Give a slot back."""
         self.slots[lease] = max(self.slots.get(lease, 0) - 1, 0)
+
+
+def _as_tuple(errors: type[Exception] | tuple[type[Exception], ...]) -> tuple[type[Exception], ...]:
+    """An exception class or tuple of them, as a tuple."""
+    return errors if isinstance(errors, tuple) else (errors,)
 
 
 def make_inflight(storage: Storage) -> Inflight:
