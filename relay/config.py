@@ -33,6 +33,7 @@ DEFAULTS = {
     "RATELIMIT_STORAGE_URI": None,  # default: sqlite:///instance/ratelimit.sqlite
     "RATELIMIT_STRATEGY": "fixed-window",
     "RATELIMIT_STORAGE_TIMEOUT": 0.25,  # seconds Redis may take before limits fail open
+    "LEASE_SECONDS": 60.0,  # a calls-at-once lease outlives its holder by at most this
     "DEFAULT_RPM": None,
     "DEFAULT_TPM": None,
     "DEFAULT_MAX_CONCURRENT": None,
@@ -76,6 +77,7 @@ INT_SETTINGS = {
 }
 FLOAT_SETTINGS = {
     "RATELIMIT_STORAGE_TIMEOUT": (0.01, 30.0),
+    "LEASE_SECONDS": (1.0, 86400.0),
     "UPSTREAM_CONNECT_TIMEOUT": (0.05, 600.0),
     "UPSTREAM_READ_TIMEOUT": (0.05, 3600.0),
     "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),

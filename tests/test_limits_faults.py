@@ -1,12 +1,14 @@
 """Redis trouble is not an outage: limits fail open, fast, visibly, and come back by themselves."""
 
+import os
 import re
+import signal
 import time
 
 import pytest
 import requests
 from conftest import SECRETS_SEEN, auth, close_app, relay_settings
-from test_limits_shared import CHAT, chat
+from test_limits_shared import CHAT, adopt, chat, held_stream, open_stream
 
 from relay.app import create_app
 
@@ -99,6 +101,58 @@ def test_redis_trouble_serves_calls_then_limits_apply_again(relay_server, redis_
     assert "Traceback" not in server.output()
 
 
+def test_leases_of_a_killed_worker_expire_and_live_ones_are_renewed(
+    relay_server, redis_url, fake, tmp_path
+):
+    lifetime = 6
+    a, b = (
+        relay_server(
+            workers=1,
+            RELAY_DATABASE=str(tmp_path / f"{name}.sqlite"),
+            RELAY_RATELIMIT_STORAGE_URI=redis_url,
+            RELAY_LEASE_SECONDS=str(lifetime),
+        )
+        for name in ("a", "b")
+    )
+    key = adopt((a, b), "capped", "--max-concurrent", "3")
+    fake.queue(*[held_stream() for _ in range(5)])
+    held = [open_stream(a, key), open_stream(a, key)]
+    held.append(open_stream(b, key))
+    b_opened = time.monotonic()
+    try:
+        assert [reply.status_code for reply, _ in held] == [200] * 3
+        assert chat(b, key).status_code == 429
+        os.kill(a.worker_pids()[0], signal.SIGKILL)  # its two leases are left behind
+        freed = wait_for(lambda: chat(b, key).status_code == 200, lifetime + 5, "freed slot")
+        print(f"a SIGKILLed worker's leases freed after {freed:.2f} s (lifetime {lifetime} s)")
+        # B's stream outlives its lease's first lifetime: renewed, it still holds its slot.
+        wait_for(lambda: time.monotonic() > b_opened + lifetime + 1, lifetime + 2, "renewal")
+        held += [open_stream(b, key), open_stream(b, key)]
+        assert [reply.status_code for reply, _ in held[-2:]] == [200, 200]
+        assert chat(b, key).status_code == 429
+    finally:
+        for reply, _ in held:
+            reply.close()
+
+
+def test_sqlite_leases_expire_unless_their_holder_renews_them(make_app_on, tmp_path):
+    app = make_app_on(f"sqlite:///{tmp_path / 'limits.sqlite'}", LEASE_SECONDS=1.0)
+    leases = app.extensions["relay"].limits.leases
+    # Taken straight in the store, as by a holder that stopped renewing without dying
+    # (a hung process, or one whose pid was reused): only the expiry frees it.
+    assert leases.store.acquire("abandoned", 1) is not None
+    assert leases.store.acquire("abandoned", 1) is None
+    taken = time.monotonic()
+    live = leases.acquire("live", 1)  # this process renews it while it is held
+    assert live is not None
+    freed = wait_for(lambda: leases.store.acquire("abandoned", 1) is not None, 5, "expiry")
+    assert 0.5 < freed < 3
+    wait_for(lambda: time.monotonic() > taken + 2, 3, "two lifetimes")
+    assert leases.acquire("live", 1) is None  # renewed: still held
+    leases.release(live)
+    assert leases.acquire("live", 1) is not None
+
+
 @pytest.mark.server
 def test_hung_redis_in_process_costs_one_short_timeout_per_second(
     redis_factory, make_app_on, caplog
@@ -134,8 +188,8 @@ def make_app_on(tmp_path, fake):
     """Factory: an in-process app whose limits live at a given storage URI."""
     apps = []
 
-    def make(uri):
-        app = create_app(relay_settings(tmp_path, fake, RATELIMIT_STORAGE_URI=uri))
+    def make(uri, **overrides):
+        app = create_app(relay_settings(tmp_path, fake, RATELIMIT_STORAGE_URI=uri, **overrides))
         apps.append(app)
         return app
 

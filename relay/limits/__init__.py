@@ -47,7 +47,8 @@ class Limits:
         self.limiter: Limiter = make_limiter(app, inner, self.breaker)
         # Every limit below goes through this storage, and so through the breaker.
         self.storage = cast(FailOpenStorage, self.limiter.storage)
-        self.leases = Leases(make_inflight(inner), self.breaker)
+        lifetime = app.config["LEASE_SECONDS"]
+        self.leases = Leases(make_inflight(inner, lifetime), self.breaker, lifetime)
         self.keys = KeyLimits(self.storage, self.leases, app.config)
         self.per_key_rpm = per_key_rpm(self.limiter)
         self.guard = GuessGuard(
@@ -87,7 +88,8 @@ class Limits:
         self.breaker.on_unavailable(hook)
 
     def close(self) -> None:
-        """Close the storage's files and connections (tests)."""
+        """Stop renewing leases; close the storage's files and connections (tests)."""
+        self.leases.close()
         inner = self.storage.inner
         db = getattr(inner, "db", None)
         if db is not None:
