@@ -9,7 +9,7 @@ limits fail open (breaker.py): calls are served without them until it answers ag
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, has_request_context, request
 from flask_limiter import Limiter
 
 from relay.call import Call
@@ -30,6 +30,7 @@ from relay.limits.storage import open_storage
 EXTENSION = "relay_limits"
 OPEN_ENDPOINTS = {"health.healthz", "static"}  # answered even to a blocked address
 HTML_PAGES = {"admin", "keyholder"}  # call check_blocked() first thing, to answer in HTML
+UNAVAILABLE_NOTED = "limits_unavailable_noted"  # flask.g: this request was counted already
 View = TypeVar("View", bound=Callable[..., Any])
 
 
@@ -84,8 +85,18 @@ class Limits:
         return self.storage.check()
 
     def on_unavailable(self, hook: Callable[[], None]) -> None:
-        """Call `hook()` for every limits operation not applied for a failing storage."""
-        self.breaker.on_unavailable(hook)
+        """Call `hook()` once per request (or lease renewal) that went without some of its
+        limits because the storage failed or was being skipped (the metrics counter)."""
+
+        def once_per_request() -> None:
+            # A call makes several limits operations (checks, headers, leases, updates).
+            if has_request_context():
+                if g.get(UNAVAILABLE_NOTED):
+                    return
+                setattr(g, UNAVAILABLE_NOTED, True)
+            hook()
+
+        self.breaker.on_unavailable(once_per_request)
 
     def close(self) -> None:
         """Stop renewing leases; close the storage's files and connections (tests)."""

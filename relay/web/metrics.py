@@ -116,8 +116,8 @@ class Metrics:
         )
         self.limits_unavailable = Counter(
             "relay_limits_unavailable",
-            "Limit checks and updates not applied because the limits storage failed or was "
-            "being skipped after a failure (calls are then served without those limits).",
+            "Requests (and lease renewals) that went without some of their limits because "
+            "the limits storage failed or was being skipped after a failure (fail open).",
             registry=self.registry,
         )
 
