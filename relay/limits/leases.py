@@ -1,5 +1,9 @@
-"""This process's calls-at-once leases: taken and given back through the breaker (fail open),
-and renewed while their calls live, so that only a dead holder's leases expire."""
+"""This process's calls-at-once leases: taken through the breaker, renewed while calls live.
+
+Leases are taken and given back through the breaker (a failing store admits the call
+with no lease), and one loop per process renews those of its live calls, so that only
+the leases of a holder that died (or hung) expire.
+"""
 
 import logging
 import os
