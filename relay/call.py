@@ -1,5 +1,6 @@
 """The records that travel between the layers: one call, the key it runs under, its usage."""
 
+import hashlib
 import secrets
 import time
 from collections.abc import Mapping
@@ -34,11 +35,23 @@ Outcome = Literal[
 ]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
 MAX_END_USER = 64  # characters of a call's end-user id kept in its usage row
+LIMIT_ID_CHARS = 20  # 80 bits: no two keys of a relay share counters by chance
 
 
 def as_outcome(code: str) -> Outcome:
     """An error code as a call outcome ("error" for codes a call cannot end with)."""
     return code if code in OUTCOMES else "error"  # type: ignore[return-value]
+
+
+def limit_id(key_hash: str) -> str:
+    """The name a key's limits are counted under: the same wherever the key exists.
+
+    Derived from the stored hash alone, so every instance holding the key (adopted with
+    `--key`, or in a shared database) counts it in one place, whatever its row id there;
+    a short hash of that hash says nothing useful about the key (nor is it the hash).
+    """
+    digest = hashlib.sha256(b"relay limits\0" + key_hash.encode("ascii"))
+    return digest.hexdigest()[:LIMIT_ID_CHARS]
 
 
 @dataclass(frozen=True)
@@ -62,12 +75,14 @@ class KeyRecord:
     quota_period: str
     period_started_at: float | None
     key_hint: str
+    limit_id: str  # names its rate, token-rate and concurrency counters; "" once deleted
     endpoints: tuple[str, ...] = ()  # account-wide endpoint groups opened for this key
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "KeyRecord":
         """Build from a `keys` row."""
         models = row.get("models")
+        key_hash = row.get("key_hash")  # NULL for a deleted key, which can make no call
         return cls(
             id=row["id"],
             name=row["name"],
@@ -86,6 +101,7 @@ class KeyRecord:
             quota_period=row.get("quota_period") or "none",
             period_started_at=row.get("period_started_at"),
             key_hint=row.get("key_hint") or "",
+            limit_id=limit_id(key_hash) if key_hash else "",
             endpoints=tuple(e for e in (row.get("endpoints") or "").split(",") if e),
         )
 

@@ -34,6 +34,8 @@ DEFAULTS = {
     "DEFAULT_COMPLETION_MODEL": "gpt-3.5-turbo-instruct",  # legacy `completions` without one
     "RATELIMIT_STORAGE_URI": None,  # default: sqlite:///instance/ratelimit.sqlite
     "RATELIMIT_STRATEGY": "fixed-window",
+    "RATELIMIT_STORAGE_TIMEOUT": 0.25,  # seconds Redis may take before limits fail open
+    "LEASE_SECONDS": 60.0,  # a calls-at-once lease outlives its holder by at most this
     "DEFAULT_RPM": None,
     "DEFAULT_TPM": None,
     "DEFAULT_MAX_CONCURRENT": None,
@@ -78,6 +80,8 @@ INT_SETTINGS = {
     "RESERVE_COMPLETION_TOKENS": (0, None),
 }
 FLOAT_SETTINGS = {
+    "RATELIMIT_STORAGE_TIMEOUT": (0.01, 30.0),
+    "LEASE_SECONDS": (1.0, 86400.0),
     "UPSTREAM_CONNECT_TIMEOUT": (0.05, 600.0),
     "UPSTREAM_READ_TIMEOUT": (0.05, 3600.0),
     "UPSTREAM_RETRY_BUDGET": (0.0, 3600.0),

@@ -1,54 +1,13 @@
 """Per-key limits that hold across gunicorn workers, on SQLite by default and on a real Redis."""
 
 import concurrent.futures
-import shutil
-import socket
-import subprocess
 import time
 
-import pytest
 import requests
-from conftest import auth, free_port
+from conftest import auth
 from fake_upstream import sse_reply
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A real Redis server on a free loopback port, for this test only."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (tests/install-system-deps.sh installs it)")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
 
 
 def burst(server, key, count, path="/v1/chat/completions", body=None):

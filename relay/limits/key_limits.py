@@ -1,24 +1,24 @@
 """Per-key token rates and calls at once, counted on the rate limiter's shared storage."""
 
 from flask import Config
-from flask_limiter import Limiter
 from limits import RateLimitItemPerMinute
+from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from relay.call import Call, KeyRecord
 from relay.errors import RateLimited
-from relay.limits.inflight import Inflight
+from relay.limits.leases import Leases
 from relay.limits.ratelimit import retry_headers
 
 
 class KeyLimits:
     """Token-per-minute and calls-at-once limits of keys, on the limiter's shared storage."""
 
-    def __init__(self, limiter: Limiter, inflight: Inflight, config: Config) -> None:
+    def __init__(self, storage: Storage, leases: Leases, config: Config) -> None:
         # Tokens are counted after the fact, so always a fixed window: a moving window
         # would refuse to record a call that already happened.
-        self.tokens = FixedWindowRateLimiter(limiter.storage)
-        self.inflight = inflight
+        self.tokens = FixedWindowRateLimiter(storage)
+        self.leases = leases
         self.config = config
 
     def _tpm(self, key: KeyRecord) -> int | None:
@@ -37,15 +37,15 @@ class KeyLimits:
         tpm = self._tpm(key)
         if tpm:
             item = RateLimitItemPerMinute(tpm)
-            if not self.tokens.test(item, "relay", "tpm", str(key.id)):
-                reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", str(key.id))
+            if not self.tokens.test(item, "relay", "tpm", key.limit_id):
+                reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", key.limit_id)
                 raise RateLimited(
                     f"Token rate limit reached for this key: {tpm} tokens per minute.",
                     headers=retry_headers(tpm, reset_at),
                 )
         cap = self._max_concurrent(key)
         if cap:
-            lease = self.inflight.acquire(key.id, cap)
+            lease = self.leases.acquire(key.limit_id, cap)
             if lease is None:
                 raise RateLimited(
                     f"This key already has {cap} calls in flight, its limit; retry when one ends.",
@@ -61,8 +61,8 @@ class KeyLimits:
         """Release the call's slot and count its tokens against the key's token rate."""
         if call.lease is not None:
             lease, call.lease = call.lease, None
-            self.inflight.release(lease)
+            self.leases.release(lease)
         tpm = self._tpm(call.key) if call.key is not None else None
         if call.key is not None and tpm and call.usage.total > 0:
             item = RateLimitItemPerMinute(tpm)
-            self.tokens.hit(item, "relay", "tpm", str(call.key.id), cost=call.usage.total)
+            self.tokens.hit(item, "relay", "tpm", call.key.limit_id, cost=call.usage.total)

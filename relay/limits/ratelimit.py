@@ -3,12 +3,14 @@
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
+from limits.storage import Storage
 
-import relay.limits.sqlite_storage  # noqa: F401 - registers the sqlite:// storage scheme
+from relay.limits.breaker import Breaker
+from relay.limits.failopen import FailOpenStorage
 
 KEY_RPM_SCOPE = "key-rpm"
 
@@ -19,9 +21,10 @@ def client_address() -> str:
 
 
 def _key_scope() -> str:
-    """Rate-limit identity of the calling key: its id, never the key or its header."""
+    """Rate-limit identity of the calling key: its limit id (the same on every instance),
+    never the key, its hash or its header, nor a row id that differs between databases."""
     call = g.get("call")
-    return f"key:{call.key.id}" if call is not None and call.key is not None else ""
+    return f"key:{call.key.limit_id}" if call is not None and call.key is not None else ""
 
 
 def _key_rpm() -> str:
@@ -72,15 +75,17 @@ def _not_relayed() -> bool:
     return request.blueprint not in ("openai", "legacy")
 
 
-def make_limiter(app: Flask) -> Limiter:
-    """A flask-limiter for this app, its storage shared by all workers (RELAY_RATELIMIT_*).
+def make_limiter(app: Flask, storage: Storage, breaker: Breaker) -> Limiter:
+    """A flask-limiter for this app on `storage` (shared by all workers), failing open.
 
     Call it before registering hooks that must run after the limiter's own; the
     per-key check is a view decorator, so it runs after authentication.
     """
     limiter = Limiter(
         key_func=client_address,
-        storage_uri=app.config["RATELIMIT_STORAGE_URI"],
+        # flask-limiter builds its storage from a URI: this scheme wraps ours (failopen.py).
+        storage_uri=FailOpenStorage.URI,
+        storage_options=cast(Any, {"inner": storage, "breaker": breaker}),
         strategy=app.config["RATELIMIT_STRATEGY"],
         headers_enabled=True,
         retry_after="delta-seconds",

@@ -1,4 +1,4 @@
-"""GET /healthz: 200 when the process is up and the database takes writes."""
+"""GET /healthz: 200 when the process is up and the database takes writes; whether limits apply."""
 
 from flask import Blueprint, Flask, Response, jsonify
 
@@ -11,12 +11,17 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    """Prove the database is writable with one tiny write; 503 otherwise."""
+    """Prove the database is writable with one tiny write; 503 otherwise.
+
+    `"limits": "degraded"` says the limits storage (Redis) does not answer, so calls are
+    served without limits; that alone is no reason to take the instance out of service.
+    """
+    current = state()
     try:
-        state().store.check_writable(timeout=2.0)
+        current.store.check_writable(timeout=2.0)
     except StoreError as exc:
         raise ServiceUnavailable(f"The relay's database does not take writes: {exc}.") from None
-    return jsonify(status="ok")
+    return jsonify(status="ok", limits="ok" if current.limits.available() else "degraded")
 
 
 def init_app(app: Flask) -> None:

@@ -1,4 +1,4 @@
-"""GET /metrics for Prometheus: requests, latency, tokens, upstream errors and open streams.
+"""GET /metrics for Prometheus: requests, latency, tokens, upstream errors, open streams, limits.
 
 Gunicorn runs several worker processes. When PROMETHEUS_MULTIPROC_DIR is set (the
 gunicorn config sets it before forking), every worker writes its numbers to files there
@@ -23,6 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from relay.auth import bearer_token, check_admin_token, verify
 from relay.call import Call
+from relay.limits import EXTENSION as LIMITS_EXTENSION
+from relay.limits import Limits
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Route groups keep label values few: ids in paths (files/file-abc) must not become series.
@@ -112,6 +114,12 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.limits_unavailable = Counter(
+            "relay_limits_unavailable",
+            "Requests (and lease renewals) that went without some of their limits because "
+            "the limits storage failed or was being skipped after a failure (fail open).",
+            registry=self.registry,
+        )
 
     def _model_label(self, model: str | None) -> str:
         """A bounded label value for a model name."""
@@ -178,6 +186,9 @@ def init_app(app: Flask) -> Metrics | None:
         return None
     metrics = Metrics()
     app.extensions["relay_metrics"] = metrics
+    limits: Limits | None = app.extensions.get(LIMITS_EXTENSION)
+    if limits is not None:
+        limits.on_unavailable(metrics.limits_unavailable.inc)
     app.after_request(metrics.count_uncalled)
     app.register_blueprint(bp)
     return metrics
