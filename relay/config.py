@@ -58,6 +58,7 @@ DEFAULTS = {
     "RESERVE_COMPLETION_TOKENS": 1000,  # reserved for the answer of a call without max_tokens
     "METRICS": True,
     "DB_WRITE_TIMEOUT": 30.0,
+    "GRACEFUL_TIMEOUT": 300,  # seconds a stop or reload lets running calls finish
     "CLIENT_HEADER_TIMEOUT": 10.0,  # seconds a new connection has to send its request head
     "CLIENT_BODY_TIMEOUT": 60.0,  # seconds a request body has to arrive in full
     "SECRET_KEY": None,  # signs admin sessions; default: random, kept in instance/secret_key
@@ -78,6 +79,7 @@ INT_SETTINGS = {
     "UPSTREAM_RETRIES": (0, 10),
     "UPSTREAM_POOL_SIZE": (1, None),
     "RESERVE_COMPLETION_TOKENS": (0, None),
+    "GRACEFUL_TIMEOUT": (1, 86400),
 }
 FLOAT_SETTINGS = {
     "RATELIMIT_STORAGE_TIMEOUT": (0.01, 30.0),

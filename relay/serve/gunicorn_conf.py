@@ -11,13 +11,38 @@ from typing import Any
 
 # Plain Python only: importing Flask or urllib3 (and so ssl) here, before the gevent
 # workers patch the standard library, would make gevent warn in every worker.
-from relay.config import ConfigError, default_instance_path, load_settings
+from relay.config import (
+    DEFAULTS,
+    ConfigError,
+    default_instance_path,
+    load_dotenv_file,
+    load_settings,
+)
 from relay.upstreams_file import load_upstreams
 
 # Streams are long: gevent workers answer the arbiter's heartbeat from their own
 # loop, so `timeout` only catches a truly stuck worker, never a 60 s stream.
 timeout = 60
-graceful_timeout = 30
+
+
+def _graceful_timeout() -> int:
+    """RELAY_GRACEFUL_TIMEOUT (.env included): how long a stop or reload lets calls finish.
+
+    Read here because gunicorn takes it from this module; a bad value is reported in one
+    sentence by on_starting, which checks every setting.
+    """
+    load_dotenv_file()
+    default = int(str(DEFAULTS["GRACEFUL_TIMEOUT"]))
+    try:
+        return int(os.environ.get("RELAY_GRACEFUL_TIMEOUT") or default)
+    except ValueError:
+        return default
+
+
+# LLM streams run for minutes: a reload or stop lets them finish (up to this long; then
+# they end with an error event, and a `shutdown` usage row). deploy/relay.service's
+# TimeoutStopSec must be longer.
+graceful_timeout = _graceful_timeout()
 keepalive = 5  # seconds an idle keep-alive client may wait; also bounds graceful shutdown
 # The relay logs its own events; gunicorn's access log stays off unless asked for.
 accesslog = None

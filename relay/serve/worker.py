@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 # Connections one worker may accept per wakeup of its listening socket.
 ACCEPT_BATCH = 16
+# Streams still running this long before the graceful timeout are ended by the relay itself,
+# with an error event and a usage row, instead of being killed mid-event by gunicorn.
+CUT_MARGIN = 3.0
 # After a refusal, what of the client's request is still read and dropped before closing.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
@@ -66,7 +69,21 @@ class GeventWorker(ggevent.GeventWorker):
     def run(self) -> None:
         """Serve as gunicorn does; its run() builds each listener's server by this module name."""
         ggevent.StreamServer = BatchAcceptServer
+        gevent.spawn(self._end_streams_before_the_kill)
         super().run()
+
+    def _end_streams_before_the_kill(self) -> None:
+        """On a graceful stop (or reload), let streams run on; just before gunicorn's graceful
+        timeout kills what is left, end those streams with an error event and a row."""
+        while self.alive:
+            gevent.sleep(0.5)
+        timeout = float(self.cfg.graceful_timeout)
+        gevent.sleep(max(timeout - min(CUT_MARGIN, timeout / 2), 0.0))
+        # Imported here: gunicorn's master imports this module before workers patch ssl.
+        from relay.upstream.streaming import cut_all  # noqa: PLC0415
+
+        if ended := cut_all():
+            self.log.warning("ended %d streams at the graceful timeout (pid:%s)", ended, self.pid)
 
     def load_wsgi(self) -> None:
         """Load the app, then take the client deadlines from its settings."""

@@ -1,6 +1,7 @@
 """Streaming replies: bytes go out as they arrive; the call completes however the stream ends."""
 
 import time
+import weakref
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # the modules below import this one; typing only
 STREAM_HEADERS = [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
 PROGRESS_EVERY = 10.0  # seconds between notes of a running stream's progress
 MAX_AFTER_DONE = 65536  # bytes read (and dropped) after [DONE] before the upstream is cut
+# The streams this worker is relaying, so that a graceful stop can end the last ones cleanly.
+LIVE: "weakref.WeakSet[StreamedBody]" = weakref.WeakSet()
 BROKEN = (urllib3.exceptions.HTTPError, OSError)
 
 
@@ -42,9 +45,18 @@ def streamed_reply(
     return headers, StreamedBody(upstreams, call, reply, tap, environ, sink)
 
 
+def cut_all() -> int:
+    """End every stream this worker is relaying, each with an error event and a `shutdown`
+    row (a graceful stop that is about to run out of time); how many there were."""
+    streams = list(LIVE)
+    for stream in streams:
+        stream.cut()
+    return len(streams)
+
+
 class StreamedBody:
     """The WSGI body of a stream. Whatever ends it (the upstream, an error, the client
-    hanging up, even before the first byte) completes the call exactly once."""
+    hanging up, a shutdown, even before the first byte) completes the call exactly once."""
 
     def __init__(
         self,
@@ -62,6 +74,7 @@ class StreamedBody:
         self.environ = environ
         self.sink = sink
         self.client_gone = False
+        self.cut_short = False  # ended by a shutdown that could not wait for it
         self.progress_at: float | None = None  # when progress was last noted
         self._generator: Generator[bytes, None, None] | None = None
 
@@ -79,6 +92,14 @@ class StreamedBody:
     def hang_up(self) -> None:
         """The client left: wake the read blocked on the upstream so the stream ends now."""
         self.client_gone = True
+        try:
+            self.reply.raw.shutdown()
+        except (ValueError, RuntimeError, OSError):
+            self.reply.close()
+
+    def cut(self) -> None:
+        """The worker must stop: wake the upstream read so the stream ends with an event."""
+        self.cut_short = True
         try:
             self.reply.raw.shutdown()
         except (ValueError, RuntimeError, OSError):
@@ -114,6 +135,7 @@ class StreamedBody:
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
         watch = DisconnectWatch(self.environ, self.hang_up)
         after_done = 0
+        LIVE.add(self)
         try:
             for data in self._chunks():
                 if tap is not None and tap.saw_done:
@@ -149,6 +171,7 @@ class StreamedBody:
             if event:
                 yield event
         finally:
+            LIVE.discard(self)
             watch.stop()
             self.reply.close()
 
@@ -169,15 +192,19 @@ class StreamedBody:
             return None
         timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
         outcome: Outcome = "upstream_timeout" if timed_out else "upstream_dropped"
+        seconds = self.upstreams.config["UPSTREAM_READ_TIMEOUT"]
+        message = (
+            f"The upstream sent nothing for {seconds:g} s; the stream was ended."
+            if timed_out
+            else "The upstream connection broke in the middle of the stream."
+        )
+        if self.cut_short:
+            outcome = "shutdown"
+            message = "The relay is restarting and could not wait for this stream; retry."
         event = None
         if self.tap is not None:
-            seconds = self.upstreams.config["UPSTREAM_READ_TIMEOUT"]
-            message = (
-                f"The upstream sent nothing for {seconds:g} s; the stream was ended."
-                if timed_out
-                else "The upstream connection broke in the middle of the stream."
-            )
-            event = sse.error_event(message, outcome)
+            kind = "server_error" if self.cut_short else "upstream_error"
+            event = sse.error_event(message, outcome, kind)
             self.call.bytes_out += len(event)
         self.finish(outcome)
         return event
