@@ -1,0 +1,136 @@
+"""Backups of the SQLite store while the relay runs, their checks, and restores.
+
+`VACUUM INTO` writes a consistent copy in one statement, reading one snapshot of the
+database: writes that come meanwhile neither block it nor restart it (SQLite's online
+backup, as `sqlite3 .backup` runs it, starts over after every write by another
+connection, so under steady load it finishes only when the load stops).
+"""
+
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a database file holds, and whether SQLite finds it sound."""
+
+    path: str
+    integrity: str  # "ok", or SQLite's first complaint
+    keys: int
+    usage_rows: int
+    bytes: int
+    seconds: float = 0.0  # how long the backup took, when this summary is of one
+
+    @property
+    def sound(self) -> bool:
+        """Whether the integrity check passed."""
+        return self.integrity == "ok"
+
+
+def backup(source: str, target: str) -> Summary:
+    """Copy the live database at `source` into a new file `target`, then check the copy.
+
+    Refuses to overwrite: a backup must never silently replace another.
+    """
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} exists; choose a new file name")
+    started = time.monotonic()
+    conn = sqlite3.connect(source, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("VACUUM INTO ?", (target,))
+    finally:
+        conn.close()
+    seconds = time.monotonic() - started
+    os.chmod(target, 0o600)  # it holds key hashes and usage, as the store does
+    found = check(target)
+    return Summary(found.path, found.integrity, found.keys, found.usage_rows, found.bytes, seconds)
+
+
+def check(path: str) -> Summary:
+    """SQLite's integrity check of a database file, and what it holds."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        keys = _count(conn, "keys")
+        usage = _count(conn, "usage")
+    except sqlite3.DatabaseError as exc:  # not a database at all
+        return Summary(path, str(exc), 0, 0, os.path.getsize(path))
+    finally:
+        conn.close()
+    return Summary(path, integrity, keys, usage, os.path.getsize(path))
+
+
+def _count(conn: sqlite3.Connection, table: str) -> int:
+    """Rows in one of the store's tables (0 when the file has no such table)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    if not exists:
+        return 0
+    return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+
+def users_of(path: str) -> list[int]:
+    """Other processes of this machine that hold the database (or its WAL) open."""
+    names = {os.path.realpath(path + suffix) for suffix in ("", "-wal", "-shm")}
+    users = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            try:
+                if os.path.realpath(f"/proc/{entry}/fd/{fd}") in names:
+                    users.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return users
+
+
+def restore(backup_file: str, target: str, force: bool = False) -> Summary:
+    """Replace the database at `target` with a checked backup.
+
+    Refuses while other processes use the target (the relay is running) unless forced,
+    and refuses a backup that fails its integrity check. The old file's -wal and -shm go
+    with it: applied to the restored file they would corrupt it.
+    """
+    found = check(backup_file)
+    if not found.sound:
+        raise ValueError(f"{backup_file} fails SQLite's integrity check: {found.integrity}")
+    users = users_of(target)
+    if users and not force:
+        raise RuntimeError(
+            f"{target} is in use by process {', '.join(map(str, users))} (the relay?); "
+            "stop it first, or pass --force"
+        )
+    directory = os.path.dirname(os.path.abspath(target))
+    handle, staging = tempfile.mkstemp(prefix=".restore-", dir=directory)
+    os.close(handle)
+    try:
+        source = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)
+        copy = sqlite3.connect(staging)
+        try:
+            source.backup(copy)  # one step: the backup file is not written meanwhile
+        finally:
+            copy.close()
+            source.close()
+        os.chmod(staging, 0o600)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(target + suffix):
+                os.remove(target + suffix)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return check(target)
