@@ -1,4 +1,4 @@
-"""Store writes of calls that start or end together go into one SQLite transaction."""
+"""Store writes of calls that start or end together go into one database transaction."""
 
 import functools
 import sqlite3
@@ -10,10 +10,10 @@ from gevent import sleep
 from gevent.event import Event
 
 from relay.runtime import gevent_active
-from relay.store.db import Database
+from relay.store.db import Connection, Database, StoreError, spoils_transaction
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
+Op = Callable[[Connection], Any]
 
 
 class _Entry(Generic[T]):
@@ -21,7 +21,7 @@ class _Entry(Generic[T]):
 
     __slots__ = ("deadline", "done", "error", "lead", "op", "result")
 
-    def __init__(self, op: Callable[[sqlite3.Connection], T], deadline: float) -> None:
+    def __init__(self, op: Callable[[Connection], T], deadline: float) -> None:
         self.op = op
         self.deadline = deadline  # when this caller stops waiting for the database
         self.done = Event()
@@ -33,7 +33,8 @@ class _Entry(Generic[T]):
 class GroupCommit:
     """Runs write operations `op(conn)`, batching those of calls starting or ending together.
 
-    Under gevent every SQLite call blocks the whole worker, and calls come in bursts
+    Under gevent every SQLite call blocks the whole worker (and every PostgreSQL
+    transaction costs round trips), and calls come in bursts
     (20 streams started together end together). One transaction per operation made
     the last of them wait for all the others' commits (and lock waits). Here the first
     caller yields once so that every call in the same loop turn can queue its
@@ -45,13 +46,13 @@ class GroupCommit:
     timeout. Without gevent (threads, the CLI) operations run one by one.
     """
 
-    def __init__(self, db: Database, batch: bool | None = None) -> None:
+    def __init__(self, db: Database[Connection], batch: bool | None = None) -> None:
         self.db = db
         self.batch = gevent_active() if batch is None else batch
         self.queue: list[_Entry[Any]] = []
         self.leading = False
 
-    def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    def run(self, op: Callable[[Connection], T]) -> T:
         """Run one operation inside a committed transaction; its result, or its error."""
         if not self.batch:
             return self.db.write(op)
@@ -76,7 +77,7 @@ class GroupCommit:
             timeout = max(min(e.deadline for e in batch) - time.monotonic(), 0.0)
             try:
                 self.db.write(functools.partial(_run_each, batch=batch), timeout=timeout)
-            except sqlite3.Error as exc:
+            except StoreError as exc:
                 for entry in batch:
                     entry.result, entry.error = None, exc
             _wake(batch)
@@ -86,6 +87,7 @@ class GroupCommit:
             if batch:
                 # Only when this greenlet was stopped mid-way (a kill at shutdown): nobody
                 # else would wake these callers, and nothing was committed for them.
+                # A sqlite3 error, as before PostgreSQL: callers catch StoreError, which has it.
                 for entry in batch:
                     entry.error = sqlite3.OperationalError("the store write was interrupted")
                 _wake(batch)
@@ -95,14 +97,17 @@ class GroupCommit:
                 self.queue[0].done.set()
 
 
-def _run_each(conn: sqlite3.Connection, batch: list[_Entry[Any]]) -> None:
-    """Run each operation in its own savepoint; a failing one is undone alone."""
+def _run_each(conn: Connection, batch: list[_Entry[Any]]) -> None:
+    """Run each operation in its own savepoint; a failing one is undone alone (unless its
+    error spoiled the whole transaction, a lost connection or a deadlock: all retry)."""
     for entry in batch:
         entry.error = None
         conn.execute("SAVEPOINT op")
         try:
             entry.result = entry.op(conn)
-        except Exception as exc:  # noqa: BLE001 - handed to that caller, the batch goes on
+        except Exception as exc:
+            if spoils_transaction(exc):
+                raise
             conn.execute("ROLLBACK TO op")
             entry.error = exc
         conn.execute("RELEASE op")

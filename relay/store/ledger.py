@@ -14,13 +14,13 @@ the row into a usage row with outcome `worker_lost` (see `lost_rows`).
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from relay.metering import Need
+from relay.store.db import Connection
 from relay.store.rows import USAGE_COLUMNS, Row
 
 # How long a row of another host may stay in flight before it counts as lost: longer
@@ -37,7 +37,7 @@ REPLACE_USAGE = (
 )
 SETTLE_KEY = (
     "UPDATE keys SET used_tokens = used_tokens + ?, spent = spent + ?, "
-    "last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
+    "last_used_at = CASE WHEN last_used_at > ? THEN last_used_at ELSE ? END WHERE id = ?"
 )
 
 
@@ -74,12 +74,24 @@ def host_id() -> str:
 
 
 def admit(
-    conn: sqlite3.Connection, call_id: str, key_id: int, need: Need, draft: Row, host: str
+    conn: Connection,
+    call_id: str,
+    key_id: int,
+    need: Need,
+    draft: Row,
+    host: str,
+    lock_row: str = "",
 ) -> Refusal | None:
     """Insert the call's in-flight row, reserving what it may use or the room that is left;
-    a Refusal when the key's quota or budget has no room even for its prompt."""
+    a Refusal when the key's quota or budget has no room even for its prompt.
+
+    `lock_row` (the dialect's) holds the key row until the transaction ends, so every
+    instance checking this key's quota waits for this reservation (SQLite: the write lock
+    of BEGIN IMMEDIATE already does).
+    """
     key = conn.execute(
-        "SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?", (key_id,)
+        f"SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?{lock_row}",  # noqa: S608
+        (key_id,),
     ).fetchone()
     if key is None:
         raise LookupError(f"key #{key_id} is gone")
@@ -87,7 +99,8 @@ def admit(
     tokens, cost = need.tokens, need.cost
     if quota is not None or budget is not None:
         held_tokens, held_cost = conn.execute(
-            "SELECT COALESCE(SUM(reserved_tokens), 0), COALESCE(SUM(reserved_cost), 0) "
+            "SELECT CAST(COALESCE(SUM(reserved_tokens), 0) AS BIGINT), "
+            "COALESCE(SUM(reserved_cost), 0) "
             "FROM inflight WHERE key_id = ?",
             (key_id,),
         ).fetchone()
@@ -110,7 +123,7 @@ def admit(
     return None
 
 
-def progress(conn: sqlite3.Connection, call_id: str, draft: Row) -> None:
+def progress(conn: Connection, call_id: str, draft: Row) -> None:
     """Note what a running call has done so far, for the row written if its worker dies."""
     conn.execute(
         "UPDATE inflight SET draft = ?, updated_at = ? WHERE call_id = ?",
@@ -118,7 +131,7 @@ def progress(conn: sqlite3.Connection, call_id: str, draft: Row) -> None:
     )
 
 
-def settle(conn: sqlite3.Connection, row: Row) -> None:
+def settle(conn: Connection, row: Row) -> None:
     """Write a call's usage row, charge its key and end its reservation (idempotent).
 
     A row already written for the same call (a `worker_lost` row recovered while this
@@ -133,12 +146,12 @@ def settle(conn: sqlite3.Connection, row: Row) -> None:
         conn.execute(REPLACE_USAGE, (*values, row["call_id"]))
         charged, cost = charged - (old[0] or 0), cost - (old[1] or 0.0)
     if row["key_id"] is not None:
-        conn.execute(SETTLE_KEY, (charged, cost, row["ts"], row["key_id"]))
+        conn.execute(SETTLE_KEY, (charged, cost, row["ts"], row["ts"], row["key_id"]))
     conn.execute("DELETE FROM inflight WHERE call_id = ?", (row["call_id"],))
 
 
 def lost_rows(
-    conn: sqlite3.Connection, host: str, alive: Alive, now: float | None = None
+    conn: Connection, host: str, alive: Alive, now: float | None = None
 ) -> list[tuple[dict[str, Any], float]]:
     """(draft, last update) of in-flight rows whose worker is gone: dead on this host, or a
     row of another host (or an earlier boot of this one) left far longer than any call."""
