@@ -157,6 +157,10 @@ class PostgresDatabase(Database[PgConnection]):
                 min_size=1,
                 max_size=self.pool_size,
                 timeout=CONNECT_WAIT,
+                # Give up reconnecting soon: the next call that needs a connection starts a
+                # fresh attempt at once, where the pool's own backoff would wait ever longer
+                # (a minute after a minute's outage) before it tried the server again.
+                reconnect_timeout=CONNECT_WAIT,
                 name="relay",
                 open=False,
             )
@@ -179,21 +183,20 @@ class PostgresDatabase(Database[PgConnection]):
         return self._read(sql, params, one=True)  # type: ignore[no-any-return]
 
     def _read(self, sql: str, params: Params, one: bool) -> Any:
-        """One autocommit statement; once more on a fresh connection if the pooled one had
-        been cut (a server restart breaks every idle connection of the pool)."""
+        """One autocommit statement, again on another connection while the pooled ones turn
+        out cut (a server restart breaks every idle connection of the pool at once)."""
         deadline = time.monotonic() + CONNECT_WAIT
-        for attempt in (1, 2):
+        while True:
             pool, conn = self._take(deadline)
             try:
                 cursor = conn.cursor(row_factory=dict_row)
                 cursor.execute(POSTGRES.sql(sql), tuple(params))
                 return cursor.fetchone() if one else cursor.fetchall()
             except psycopg.OperationalError:
-                if attempt == 2 or not conn.broken:
+                if not conn.broken or time.monotonic() > deadline:
                     raise
             finally:
                 pool.putconn(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def write(self, fn: Callable[[PgConnection], T], timeout: float | None = None) -> T:
         """Run fn(conn) inside BEGIN … COMMIT, retrying while locked or reconnecting.
