@@ -103,9 +103,15 @@ class Database(ABC, Generic[C_co]):
         """Run a read and return the first row as a dict, or None."""
 
     @abstractmethod
-    def write(self, fn: Callable[[C_co], T], timeout: float | None = None) -> T:
+    def write(
+        self, fn: Callable[[C_co], T], timeout: float | None = None, durable: bool = True
+    ) -> T:
         """Run fn(conn) in one transaction, retried while the database is busy or locked
-        (up to `timeout`, default write_timeout); StoreError when it never takes it."""
+        (up to `timeout`, default write_timeout); StoreError when it never takes it.
+
+        durable=False lets the commit return before it is flushed to disk (PostgreSQL's
+        asynchronous commit: a server crash may lose it; later durable commits flush it).
+        SQLite's WAL commits are never flushed one by one (synchronous=NORMAL) anyway."""
 
     @abstractmethod
     def migrate(self) -> None:
@@ -179,7 +185,12 @@ class SQLiteDatabase(Database[sqlite3.Connection]):
         row = self.conn.execute(sql, params).fetchone()
         return dict(row) if row is not None else None
 
-    def write(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
+    def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        timeout: float | None = None,
+        durable: bool = True,
+    ) -> T:
         """Run fn(conn) inside BEGIN IMMEDIATE … COMMIT, retrying while the file is locked.
 
         Retries sleep with time.sleep, which gevent turns into a cooperative wait,

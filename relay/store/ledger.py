@@ -85,14 +85,16 @@ def admit(
     """Insert the call's in-flight row, reserving what it may use or the room that is left;
     a Refusal when the key's quota or budget has no room even for its prompt.
 
-    `lock_row` (the dialect's) holds the key row until the transaction ends, so every
-    instance checking this key's quota waits for this reservation (SQLite: the write lock
-    of BEGIN IMMEDIATE already does).
+    `lock_row` (the dialect's) holds a metered key's row until the transaction ends, so
+    every instance checking this key's quota waits for this reservation (SQLite: the write
+    lock of BEGIN IMMEDIATE already does).
     """
-    key = conn.execute(
-        f"SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?{lock_row}",  # noqa: S608
-        (key_id,),
-    ).fetchone()
+    read = "SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?"
+    key = conn.execute(read, (key_id,)).fetchone()
+    if key is not None and lock_row and (key[0] is not None or key[2] is not None):
+        # A metered key: read again under its row lock. An unmetered one needs no lock, so
+        # its calls never queue behind each other's transactions.
+        key = conn.execute(read + lock_row, (key_id,)).fetchone()
     if key is None:
         raise LookupError(f"key #{key_id} is gone")
     quota, used, budget, spent = key[0], key[1], key[2], key[3]

@@ -198,7 +198,9 @@ class PostgresDatabase(Database[PgConnection]):
             finally:
                 pool.putconn(conn)
 
-    def write(self, fn: Callable[[PgConnection], T], timeout: float | None = None) -> T:
+    def write(
+        self, fn: Callable[[PgConnection], T], timeout: float | None = None, durable: bool = True
+    ) -> T:
         """Run fn(conn) inside BEGIN … COMMIT, retrying while locked or reconnecting.
 
         Retries sleep with time.sleep (gevent's when patched), so a long wait delays
@@ -208,20 +210,21 @@ class PostgresDatabase(Database[PgConnection]):
         delay = 0.002
         while True:
             try:
-                return self._transaction(fn, deadline)
+                return self._transaction(fn, deadline, durable)
             except psycopg.OperationalError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def _transaction(self, fn: Callable[[PgConnection], T], deadline: float) -> T:
+    def _transaction(self, fn: Callable[[PgConnection], T], deadline: float, durable: bool) -> T:
         """One attempt: fn inside BEGIN … COMMIT, locks waited for until the deadline."""
         pool, conn = self._take(deadline)
         try:
             lock_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-            # One round trip: no parameters, so psycopg sends both statements at once.
-            conn.execute(f"BEGIN; SET LOCAL lock_timeout = {lock_ms}".encode())
+            relaxed = "" if durable else "; SET LOCAL synchronous_commit = off"
+            # One round trip: no parameters, so psycopg sends the statements at once.
+            conn.execute(f"BEGIN; SET LOCAL lock_timeout = {lock_ms}{relaxed}".encode())
             result = fn(PgConnection(conn))
             conn.execute(b"COMMIT")
         except BaseException:

@@ -38,8 +38,11 @@ class UsageLedger:
         draft = draft_for(call)
         key_id = call.key.id
         lock = self.db.dialect.lock_row
+        # Not durable: a reservation lost to a database crash costs nothing (its call's
+        # usage row, written durably, settles all the same), and it saves a disk flush.
         refusal = self.commits.run(
-            lambda conn: ledger.admit(conn, call.call_id, key_id, need, draft, self.host, lock)
+            lambda conn: ledger.admit(conn, call.call_id, key_id, need, draft, self.host, lock),
+            durable=False,
         )
         call.reserved = refusal is None
         return refusal
@@ -50,7 +53,7 @@ class UsageLedger:
             return
         draft = draft_for(call, completion_estimate)
         try:
-            self.commits.run(lambda conn: ledger.progress(conn, call.call_id, draft))
+            self.commits.run(lambda conn: ledger.progress(conn, call.call_id, draft), durable=False)
         except StoreError as exc:
             log.warning("stream progress not noted: %s", exc)
 
