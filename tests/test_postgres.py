@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import gevent
 import psycopg
 import pytest
 import requests
@@ -15,6 +16,8 @@ from conftest import auth, close_app, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply, sse_reply
 
 from relay.app import create_app
+from relay.store.group_commit import GroupCommit
+from relay.store.postgres import PostgresDatabase
 
 pytestmark = pytest.mark.server
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -121,6 +124,26 @@ def test_keys_and_usage_are_one_truth_for_every_instance(relay_server, fake, pg_
         first.base_url + "/v1/chat/completions", json=CHAT, headers=auth(key), timeout=10
     )
     assert again.status_code == 200
+
+
+def test_one_failing_write_in_a_batch_leaves_the_others_alone(pg_url, tmp_path):
+    db = PostgresDatabase(pg_url, spool_path=str(tmp_path / "spool.jsonl"))
+    db.migrate()
+    commits = GroupCommit(db, batch=True)  # savepoints sent along with the next statement
+    outcomes = {}
+
+    def call_ends(number):
+        insert = "INSERT INTO health (id, checked_at) VALUES (?, 0)"
+        clash = 1 if number == 3 else number
+        try:
+            outcomes[number] = commits.run(lambda conn: conn.execute(insert, (clash,)).rowcount)
+        except psycopg.IntegrityError:
+            outcomes[number] = "clash"
+
+    gevent.joinall([gevent.spawn(call_ends, n) for n in range(5)])
+    db.close()
+    assert outcomes == {0: 1, 1: 1, 2: 1, 3: "clash", 4: 1}
+    assert rows(pg_url, "SELECT id FROM health ORDER BY id") == [(0,), (1,), (2,), (4,)]
 
 
 # --- a slow database holds up nothing else -----------------------------------------------------

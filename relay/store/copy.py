@@ -57,7 +57,7 @@ def copy_store(source: SQLiteDatabase, target: PostgresDatabase) -> CopyReport:
         _continue_after(conn, "keys", top_key)
         _continue_after(conn, "usage", 0)
 
-    target.write(copy, timeout=3600.0)
+    target.write(copy, timeout=3600.0, pipelined=False)  # COPY needs the plain protocol
     return CopyReport(
         keys=(_count(source, "keys"), _count(target, "keys")),
         usage=(_count(source, "usage"), _count(target, "usage")),

@@ -6,6 +6,7 @@ standard library, so a slow query or a lock wait holds only the greenlet that ma
 never the worker's other streams.
 """
 
+import atexit
 import contextlib
 import os
 import threading
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import Pipeline
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
@@ -33,6 +35,8 @@ CONNECT_WAIT = 5.0
 STATEMENT_TIMEOUT_MS = 300_000  # no statement (reports included) runs longer
 IDLE_IN_TRANSACTION_MS = 60_000  # a stuck worker never holds a key row's lock longer
 MIGRATION_LOCK = 0x72656C6179  # pg_advisory_lock key ("relay"): one migrator at a time
+# Statements a pipelined write sends along with the next one: their results say nothing.
+QUEUED = ("SAVEPOINT ", "RELEASE ", "ROLLBACK TO ")
 _BUSY = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable)
 
 
@@ -83,17 +87,26 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 
 
 class PgConnection:
-    """What `write(fn)` hands to fn: a psycopg connection taking the store's `?` SQL."""
+    """What `write(fn)` hands to fn: a psycopg connection taking the store's `?` SQL.
 
-    __slots__ = ("conn",)
+    In a pipelined write, savepoints go out with the statement that follows them rather
+    than in round trips of their own; every other statement is answered (and raises its
+    error) before execute() returns, as without a pipeline.
+    """
+
+    __slots__ = ("conn", "pipeline")
     dialect: Dialect = POSTGRES  # read by migrations (schema.dialect_of)
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: Pipeline | None = None) -> None:
         self.conn = conn
+        self.pipeline = pipeline
 
     def execute(self, sql: str, parameters: Params = (), /) -> Cursor:
         """Run one statement inside the current transaction."""
-        return self.conn.execute(POSTGRES.sql(sql), tuple(parameters))
+        cursor = self.conn.execute(POSTGRES.sql(sql), tuple(parameters))
+        if self.pipeline is not None and not sql.startswith(QUEUED):
+            self.pipeline.sync()
+        return cursor
 
 
 class PostgresDatabase(Database[PgConnection]):
@@ -166,6 +179,9 @@ class PostgresDatabase(Database[PgConnection]):
             )
             pool.open(wait=False)
             self._pools[pid] = pool
+            # Closed while the process can still run its pool's threads (greenlets in a
+            # gunicorn worker): left to the garbage collector, it fails noisily at exit.
+            atexit.register(self.close)
             return pool
 
     def _take(self, deadline: float) -> tuple[Pool, psycopg.Connection[Row]]:
@@ -199,34 +215,47 @@ class PostgresDatabase(Database[PgConnection]):
                 pool.putconn(conn)
 
     def write(
-        self, fn: Callable[[PgConnection], T], timeout: float | None = None, durable: bool = True
+        self,
+        fn: Callable[[PgConnection], T],
+        timeout: float | None = None,
+        durable: bool = True,
+        pipelined: bool = True,
     ) -> T:
         """Run fn(conn) inside BEGIN … COMMIT, retrying while locked or reconnecting.
 
         Retries sleep with time.sleep (gevent's when patched), so a long wait delays
         this call only. An unreachable server fails after CONNECT_WAIT (PoolTimeout).
+        pipelined=False for a fn that needs the plain protocol (COPY).
         """
         deadline = time.monotonic() + (self.write_timeout if timeout is None else timeout)
         delay = 0.002
         while True:
             try:
-                return self._transaction(fn, deadline, durable)
+                return self._transaction(fn, deadline, durable, pipelined)
             except psycopg.OperationalError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def _transaction(self, fn: Callable[[PgConnection], T], deadline: float, durable: bool) -> T:
-        """One attempt: fn inside BEGIN … COMMIT, locks waited for until the deadline."""
+    def _transaction(
+        self, fn: Callable[[PgConnection], T], deadline: float, durable: bool, pipelined: bool
+    ) -> T:
+        """One attempt: fn inside BEGIN … COMMIT, locks waited for until the deadline.
+
+        Pipelined, BEGIN and the settings go out with fn's first statement and COMMIT
+        alone at the end: the round trips are fn's own statements and the commit.
+        """
         pool, conn = self._take(deadline)
+        lock = f"{max(int((deadline - time.monotonic()) * 1000), 1)}ms"
         try:
-            lock_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-            relaxed = "" if durable else "; SET LOCAL synchronous_commit = off"
-            # One round trip: no parameters, so psycopg sends the statements at once.
-            conn.execute(f"BEGIN; SET LOCAL lock_timeout = {lock_ms}{relaxed}".encode())
-            result = fn(PgConnection(conn))
-            conn.execute(b"COMMIT")
+            with conn.pipeline() if pipelined else contextlib.nullcontext() as pipeline:
+                conn.execute(b"BEGIN")
+                conn.execute(b"SELECT set_config('lock_timeout', %s, true)", (lock,))
+                if not durable:
+                    conn.execute(b"SET LOCAL synchronous_commit = off")
+                result = fn(PgConnection(conn, pipeline))
+                conn.execute(b"COMMIT")
         except BaseException:
             _roll_back(conn)
             raise
@@ -257,7 +286,7 @@ class PostgresDatabase(Database[PgConnection]):
         """Close this process's pool (tests and CLI commands)."""
         for pid, pool in list(self._pools.items()):
             if pid == os.getpid():
-                pool.close()
+                pool.close(timeout=1.0)
             del self._pools[pid]
 
 
