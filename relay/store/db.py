@@ -44,11 +44,16 @@ BadRow: tuple[type[Exception], ...] = (
 log = logging.getLogger("relay.db")
 
 
+def spoiling_errors() -> tuple[type[Exception], ...]:
+    """The errors spoils_transaction() is true of."""
+    return (psycopg.OperationalError,)
+
+
 def spoils_transaction(exc: BaseException) -> bool:
     """Whether an error inside a transaction spoils all of it (retry the whole), rather than
     the one statement that raised it (undo that savepoint): PostgreSQL's lost connections,
     deadlocks and lock timeouts. SQLite's never do: BEGIN IMMEDIATE took the lock first."""
-    return isinstance(exc, psycopg.OperationalError)
+    return isinstance(exc, spoiling_errors())
 
 
 # The unpatched get_ident: gevent patches threading into greenlets, but a SQLite connection
@@ -93,6 +98,9 @@ class Database(ABC, Generic[C_co]):
     write_timeout: float  # seconds a write retries a busy or locked database
     description: str  # for messages: a file path, or a URL without its password
     spool_path: str  # where usage rows wait while the database refuses them
+    # Whether GroupCommit gives each operation of a batch its own savepoint (SQLite: they
+    # cost nothing) or runs a failed batch again one operation at a time (PostgreSQL).
+    batch_savepoints = True
 
     @abstractmethod
     def query(self, sql: str, params: Params = ()) -> list[RowDict]:

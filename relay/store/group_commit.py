@@ -10,7 +10,7 @@ from gevent import sleep
 from gevent.event import Event
 
 from relay.runtime import gevent_active
-from relay.store.db import Connection, Database, StoreError, spoils_transaction
+from relay.store.db import Connection, Database, StoreError, spoiling_errors, spoils_transaction
 
 T = TypeVar("T")
 Op = Callable[[Connection], Any]
@@ -82,13 +82,15 @@ class GroupCommit:
             timeout = max(min(e.deadline for e in batch) - time.monotonic(), 0.0)
             if len(batch) == 1:
                 _run_alone(self.db, batch[0], timeout)
-            else:
+            elif getattr(self.db, "batch_savepoints", True):
                 durable = any(entry.durable for entry in batch)
                 try:
                     _write(self.db, functools.partial(_run_each, batch=batch), timeout, durable)
                 except StoreError as exc:
                     for entry in batch:
                         entry.result, entry.error = None, exc
+            else:
+                _run_all_or_each(self.db, batch, timeout)
             _wake(batch)
             batch = []
         finally:
@@ -121,6 +123,31 @@ def _run_alone(db: Database[Connection], entry: _Entry[Any], timeout: float) -> 
         entry.result = _write(db, entry.op, timeout, entry.durable)
     except Exception as exc:  # noqa: BLE001 - handed to its caller, as in a batch
         entry.result, entry.error = None, exc
+
+
+def _run_all_or_each(db: Database[Connection], batch: list[_Entry[Any]], timeout: float) -> None:
+    """The whole batch in one transaction without savepoints; if anything in it fails (an
+    operation's own error, or the commit), each operation again in a transaction of its
+    own, so that every caller gets its own result or error. Errors are rare: the extra
+    transactions are the price of not paying a round trip per savepoint."""
+    durable = any(entry.durable for entry in batch)
+
+    def run_all(conn: Connection) -> list[Any]:
+        return [entry.op(conn) for entry in batch]
+
+    try:
+        results = _write(db, run_all, timeout, durable)
+    except spoiling_errors() as exc:
+        for entry in batch:  # the database's own trouble, retried until the deadline
+            entry.result, entry.error = None, exc
+        return
+    except Exception:  # noqa: BLE001 - one operation failed: find out which, one by one
+        left = max(min(e.deadline for e in batch) - time.monotonic(), 0.0)
+        for entry in batch:
+            _run_alone(db, entry, left)
+        return
+    for entry, result in zip(batch, results, strict=True):
+        entry.result, entry.error = result, None
 
 
 def _run_each(conn: Connection, batch: list[_Entry[Any]]) -> None:

@@ -35,8 +35,6 @@ CONNECT_WAIT = 5.0
 STATEMENT_TIMEOUT_MS = 300_000  # no statement (reports included) runs longer
 IDLE_IN_TRANSACTION_MS = 60_000  # a stuck worker never holds a key row's lock longer
 MIGRATION_LOCK = 0x72656C6179  # pg_advisory_lock key ("relay"): one migrator at a time
-# Statements a pipelined write sends along with the next one: their results say nothing.
-QUEUED = ("SAVEPOINT ", "RELEASE ", "ROLLBACK TO ")
 _BUSY = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable)
 
 
@@ -89,24 +87,70 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 class PgConnection:
     """What `write(fn)` hands to fn: a psycopg connection taking the store's `?` SQL.
 
-    In a pipelined write, savepoints go out with the statement that follows them rather
-    than in round trips of their own; every other statement is answered (and raises its
-    error) before execute() returns, as without a pipeline.
+    In a pipelined write a statement is only sent: the round trip happens when its
+    result is read (fetchone, fetchall, rowcount) or at COMMIT, so statements nobody
+    reads from cost none of their own, and an error may surface at a later statement or
+    at COMMIT (the whole transaction then fails: GroupCommit runs a failed batch's
+    operations again one by one). Between SAVEPOINT and RELEASE or ROLLBACK TO, every
+    statement is answered before execute() returns, so its error is its own.
     """
 
-    __slots__ = ("conn", "pipeline")
+    __slots__ = ("conn", "pending", "pipeline", "savepoints")
     dialect: Dialect = POSTGRES  # read by migrations (schema.dialect_of)
 
     def __init__(self, conn: psycopg.Connection[Any], pipeline: Pipeline | None = None) -> None:
         self.conn = conn
         self.pipeline = pipeline
+        self.pending = False  # statements sent whose results have not been read
+        self.savepoints = 0
 
     def execute(self, sql: str, parameters: Params = (), /) -> Cursor:
-        """Run one statement inside the current transaction."""
+        """Run (pipelined: send) one statement inside the current transaction."""
         cursor = self.conn.execute(POSTGRES.sql(sql), tuple(parameters))
-        if self.pipeline is not None and not sql.startswith(QUEUED):
+        if self.pipeline is None:
+            return cursor
+        if sql.startswith("SAVEPOINT "):
+            self.savepoints += 1
+        elif sql.startswith(("RELEASE ", "ROLLBACK TO ")):
+            self.savepoints -= sql.startswith("RELEASE ")
+        elif self.savepoints:
+            self.pending = False
             self.pipeline.sync()
-        return cursor
+            return cursor
+        self.pending = True
+        return _Answer(cursor, self)
+
+    def sync(self) -> None:
+        """Wait for the answers to every statement sent so far (raising the first error)."""
+        if self.pending and self.pipeline is not None:
+            self.pending = False
+            self.pipeline.sync()
+
+
+class _Answer:
+    """A pipelined statement's cursor: reading it waits for the answer first."""
+
+    __slots__ = ("connection", "cursor")
+
+    def __init__(self, cursor: Cursor, connection: PgConnection) -> None:
+        self.cursor = cursor
+        self.connection = connection
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the statement touched."""
+        self.connection.sync()
+        return self.cursor.rowcount
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        self.connection.sync()
+        return self.cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        """The remaining rows."""
+        self.connection.sync()
+        return self.cursor.fetchall()
 
 
 class PostgresDatabase(Database[PgConnection]):
@@ -119,6 +163,9 @@ class PostgresDatabase(Database[PgConnection]):
     """
 
     dialect = POSTGRES
+    # GroupCommit runs a batch without a savepoint per operation (each would cost a round
+    # trip or hide which operation failed) and, when it fails, each operation on its own.
+    batch_savepoints = False
 
     def __init__(
         self,

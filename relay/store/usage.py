@@ -38,10 +38,13 @@ class UsageLedger:
         draft = draft_for(call)
         key_id = call.key.id
         lock = self.db.dialect.lock_row
+        metered = call.key.quota_tokens is not None or call.key.budget is not None
         # Not durable: a reservation lost to a database crash costs nothing (its call's
         # usage row, written durably, settles all the same), and it saves a disk flush.
         refusal = self.commits.run(
-            lambda conn: ledger.admit(conn, call.call_id, key_id, need, draft, self.host, lock),
+            lambda conn: ledger.admit(
+                conn, call.call_id, key_id, need, draft, self.host, lock, metered
+            ),
             durable=False,
         )
         call.reserved = refusal is None
