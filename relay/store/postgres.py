@@ -290,8 +290,8 @@ class PostgresDatabase(Database[PgConnection]):
     ) -> T:
         """One attempt: fn inside BEGIN … COMMIT, locks waited for until the deadline.
 
-        Pipelined, BEGIN and the settings go out with fn's first statement and COMMIT
-        alone at the end: the round trips are fn's own statements and the commit.
+        Pipelined, BEGIN and the settings go out with the statements after them: the
+        round trips are the reads fn makes of its statements' answers, and the commit.
         """
         pool, conn = self._take(deadline)
         lock = f"{max(int((deadline - time.monotonic()) * 1000), 1)}ms"
