@@ -184,7 +184,9 @@ def store_url(request):
     """The store the app runs on: None for the settings' own SQLite file (the default), or the
     URL of a fresh database on the session's PostgreSQL (STORE_MODULES run both)."""
     if getattr(request, "param", "sqlite") == "postgresql":
-        return request.getfixturevalue("pg_url")
+        url = request.getfixturevalue("pg_url")
+        SECRETS_SEEN.add(request.getfixturevalue("postgres_server").password)  # never said
+        return url
     return None
 
 

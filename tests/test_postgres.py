@@ -7,12 +7,13 @@ import json
 import os
 import threading
 import time
+from urllib.parse import urlsplit
 
 import gevent
 import psycopg
 import pytest
 import requests
-from conftest import auth, close_app, relay_settings
+from conftest import SECRETS_SEEN, auth, close_app, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply, sse_reply
 
 from relay.app import create_app
@@ -44,6 +45,7 @@ def rows(url, sql, params=()):
 
 def instance(relay_server, tmp_path, url, name, **env):
     """A relay instance (its own gunicorn master) on the shared database, its own spool."""
+    SECRETS_SEEN.add(urlsplit(url).password)  # the audit checks no log line ever shows it
     spool = str(tmp_path / f"spool-{name}.jsonl")
     return relay_server(RELAY_DATABASE=url, RELAY_SPOOL_FILE=spool, **env)
 
