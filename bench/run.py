@@ -46,6 +46,8 @@ def run_target(bench, target, direct, scenarios):
         bench.say(f"{target.name}: stopping")
         target.stop()
         out["usage_rows"] = target.usage_outcomes()
+        if isinstance(target, Relay):
+            target.drop()
     return out
 
 
@@ -55,14 +57,18 @@ def run_paired(args, procs, workdir, results, scenarios):
     upstream.start()
     bench = Bench(args, procs, workdir, upstream)
     direct = Direct(upstream)
-    targets = [Relay(procs, workdir, upstream, model) for model in args.models]
+    targets = [
+        Relay(procs, workdir, upstream, model, store)
+        for model in args.models
+        for store in args.postgres_stores
+    ]
     if args.peer_openai_forward:
         peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
         results["openai_forward_command"] = peer.command()
         targets.append(peer)
     for target in targets:
         if isinstance(target, Relay):
-            results.setdefault("relay_commands", {})[target.model] = target.command
+            results.setdefault("relay_commands", {})[target.name] = target.command
         results["targets"][target.name] = guarded(
             bench, target.name, run_target, bench, target, direct, scenarios
         )
@@ -74,12 +80,17 @@ def run_soaks(args, procs, workdir, results):
     upstream.start()
     # One RSS sample a second: the soak compares averages over time, not a peak.
     bench = Bench(args, procs, workdir, upstream, interval=1.0, prefix="soak-loadgen")
-    relays = [Relay(procs, workdir, upstream, model) for model in args.models]
+    relays = [
+        Relay(procs, workdir, upstream, model, store)
+        for model in args.models
+        for store in args.postgres_stores
+    ]
     for relay in relays:
         relay.log_name = f"soak-{relay.log_name}"
-        results.setdefault("relay_commands", {})[relay.model] = relay.command
+        results.setdefault("relay_commands", {})[relay.name] = relay.command
         entry = results["targets"].setdefault(relay.name, {})
         entry[SOAK] = guarded(bench, relay.name, run_soak, bench, relay)
+        relay.drop()
 
 
 def guarded(bench, name, fn, *args):
@@ -119,6 +130,17 @@ def parse_args(argv):
     parser.add_argument("--py-spy", metavar="PATH", help="profile relay workers with this py-spy")
     parser.add_argument("--soak-rate", type=float, default=200.0, help="soak: calls per second")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak: length")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="a PostgreSQL server (postgresql://user:pass@host:port/db) on which each relay "
+        "target gets a fresh database of its own",
+    )
+    parser.add_argument(
+        "--stores",
+        default="sqlite",
+        help="sqlite, postgresql or both (sqlite,postgresql: each worker model on each store)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.streams = min(args.streams, 50)
@@ -139,6 +161,13 @@ def parse_args(argv):
         parser.error("--soak-rate and --soak-seconds must be positive")
     models = [m.strip() for m in args.workers.split(",") if m.strip()]
     args.models = ["gthread:32" if m == "gthread" else m for m in models]
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if set(stores) - {"sqlite", "postgresql"} or not stores:
+        parser.error("--stores takes sqlite, postgresql or both")
+    if "postgresql" in stores and not args.postgres:
+        parser.error("--stores postgresql needs --postgres URL")
+    # Per target: None for a SQLite file, else the server to make its database on.
+    args.postgres_stores = [None if s == "sqlite" else args.postgres for s in stores]
     return args
 
 
@@ -162,6 +191,7 @@ def main(argv=None):
             "loadgen_procs": args.loadgen_procs,
             "scenarios": args.scenarios,
             "workers": args.models,
+            "stores": ["sqlite" if s is None else "postgresql" for s in args.postgres_stores],
         },
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "targets": {},

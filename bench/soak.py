@@ -4,6 +4,8 @@ import os
 import sqlite3
 import time
 
+import psycopg
+
 from bench.summary import window_averages
 from bench.targets import Upstream
 
@@ -35,7 +37,7 @@ def run_soak(bench, relay):
         relay.stop()
     try:
         result.update(books(relay))
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, psycopg.Error) as exc:
         result["books_error"] = str(exc)
     result["problems"] = problems(result)
     return {"target": result}
@@ -77,13 +79,17 @@ def soak_config(args):
 
 def books(relay):
     """What the relay's database holds: usage rows and tokens, by row and by key."""
-    [(rows, row_tokens)] = relay.query("SELECT COUNT(*), COALESCE(SUM(total_tokens), 0) FROM usage")
-    [(key_tokens,)] = relay.query("SELECT COALESCE(SUM(used_tokens), 0) FROM keys")
+    # Sums cast to BIGINT: PostgreSQL's SUM of a BIGINT is a NUMERIC (a Decimal in Python).
+    [(rows, row_tokens)] = relay.query(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) FROM usage"
+    )
+    [(key_tokens,)] = relay.query("SELECT CAST(COALESCE(SUM(used_tokens), 0) AS BIGINT) FROM keys")
     per_key = relay.query(
-        "SELECT k.name, k.used_tokens, COUNT(u.id), COALESCE(SUM(u.total_tokens), 0) "
+        "SELECT k.name, k.used_tokens, COUNT(u.id), "
+        "CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT) "
         "FROM keys k LEFT JOIN usage u ON u.key_id = k.id GROUP BY k.id ORDER BY k.name"
     )
-    spool = relay.database + ".spool.jsonl"
+    spool = relay.env["RELAY_SPOOL_FILE"]
     spooled = 0
     if os.path.exists(spool):
         with open(spool, encoding="utf-8") as handle:

@@ -7,6 +7,9 @@ import signal
 import sqlite3
 import subprocess
 import tempfile
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
 
 from bench.processes import PYTHON, ROOT, VENV_BIN, BenchError, free_port, wait_healthy
 from relay.serve.launch import procfile_command
@@ -107,24 +110,32 @@ def worker_command(model):
 
 
 class Relay(Target):
-    """The relay under gunicorn, started like the Procfile says (gthread: flags replaced)."""
+    """The relay under gunicorn, started like the Procfile says (gthread: flags replaced).
 
-    def __init__(self, procs, workdir, upstream, model):
+    `postgres` (a server URL) puts its store in a fresh database made on that server for
+    this target (dropped again by stop()); otherwise it is a SQLite file in its directory.
+    """
+
+    def __init__(self, procs, workdir, upstream, model, postgres=None):
         """Choose a port, a temporary directory and the environment; start() runs it."""
         self.procs = procs
         self.model = model
-        self.name = f"relay {model}"
+        self.postgres = postgres
+        self.name = f"relay {model}" + (" pg" if postgres else "")
         self.log_name = self.name.replace(" ", "-").replace(":", "")
         self.dir = tempfile.mkdtemp(prefix=f"relay-{model.replace(':', '')}-", dir=workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         self.command = worker_command(model)
         self.database = os.path.join(self.dir, "relay.sqlite")
+        if postgres:
+            self.database = fresh_database(postgres, f"relay_bench_{self.port}")
         self.env = {
             **os.environ,
             "RELAY_UPSTREAM_BASE_URL": f"http://127.0.0.1:{upstream.port}/v1",
             "RELAY_UPSTREAM_API_KEY": "x",
             "RELAY_DATABASE": self.database,
+            "RELAY_SPOOL_FILE": os.path.join(self.dir, "relay.spool.jsonl"),
             "RELAY_RATELIMIT_STORAGE_URI": f"sqlite:///{self.dir}/rl.sqlite",
             "PORT": str(self.port),
             "RELAY_BIND": "127.0.0.1",
@@ -161,8 +172,18 @@ class Relay(Target):
         if self.proc is not None:
             self.procs.stop(self.proc, signal.SIGTERM, grace=10.0)
 
+    def drop(self):
+        """Drop a PostgreSQL target's database (after its books were read)."""
+        if self.postgres:
+            with psycopg.connect(self.postgres, autocommit=True) as conn:
+                name = self.database.rsplit("/", 1)[1]
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     def query(self, sql):
         """Rows of a query on the relay's database, opened read-only."""
+        if self.postgres:
+            with psycopg.connect(self.database) as conn:
+                return conn.execute(sql).fetchall()
         conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
         try:
             return conn.execute(sql).fetchall()
@@ -175,9 +196,18 @@ class Relay(Target):
             rows = self.query(
                 "SELECT stream, outcome, COUNT(*) FROM usage GROUP BY stream, outcome"
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, psycopg.Error) as exc:
             return {"error": str(exc)}
         return {f"{'stream' if s else 'json'}:{o}": n for s, o, n in rows}
+
+
+def fresh_database(server, name):
+    """CREATE DATABASE `name` on the PostgreSQL at `server` (a URL); the new database's URL."""
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(server)
+    return urlunsplit(parts._replace(path="/" + name))
 
 
 class OpenAIForward(Target):

@@ -3,19 +3,23 @@
 import logging
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter
 
 from relay import config as relay_config
 from relay import errors, faces
 from relay.config import ConfigError
+from relay.errors import StoreUnavailable, error_response
 from relay.limits import Limits
 from relay.serve import cli
 from relay.state import EXTENSION, RelayState
 from relay.store import Pricing, Store, StoreError
 from relay.upstream import Upstreams
 from relay.web import admin, health, keyholder, metrics
+
+# What opening the store can raise: the engines' errors, or the file system's.
+OPEN_ERRORS: tuple[type[Exception], ...] = (*StoreError, OSError)
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -35,6 +39,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)  # type: ignore[method-assign]
     api_faces = faces.build_faces(app.config)
     errors.init_app(app, faces.error_shaper(api_faces))
+    for kind in StoreError:  # a key lookup the database did not answer: 503, never a 500
+        app.register_error_handler(kind, _store_unavailable)
     limits = Limits(app)  # its hooks run before the faces' (the global limit first)
     app.extensions[EXTENSION] = RelayState(
         app.config,
@@ -73,15 +79,24 @@ def _no_redirects(app: Flask) -> None:
 def open_store(config: dict[str, Any]) -> Store:
     """The store, migrated; ConfigError in one sentence when its file cannot be written."""
     pricing = Pricing(config["PRICES"], config["TOKENS_PER_MONEY"])
-    store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], pricing)
+    store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], pricing, config["SPOOL_FILE"])
     try:
         store.migrate()
         store.recover()  # calls of a worker that died (gunicorn starts this one in its place)
-    except (StoreError, OSError) as exc:
+    except OPEN_ERRORS as exc:
+        store.close()
         raise ConfigError(
-            f"RELAY_DATABASE {config['DATABASE']} cannot be opened for writing ({exc})."
+            f"RELAY_DATABASE {store.description} cannot be opened for writing ({exc})."
         ) from None
     return store
+
+
+def _store_unavailable(exc: Exception) -> Response:
+    """The reply to a request whose database read or write failed: 503 store_unavailable."""
+    logging.getLogger("relay").warning("database unavailable: %s", exc)
+    return error_response(
+        StoreUnavailable("The relay's database is unavailable right now; retry shortly.")
+    )
 
 
 def _configure_logging(app: Flask) -> None:

@@ -20,13 +20,16 @@ if TYPE_CHECKING:  # typing only: gunicorn's master imports this module without 
 ENV_PREFIX = "RELAY"
 SECRET_FILE = "secret_key"  # noqa: S105 - a file name: the secret is made into it, in instance/
 MIB = 1024 * 1024
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_SPOOL = "relay-postgres.spool.jsonl"
 
 # Every setting the relay reads, with its default. README.md documents each one.
 DEFAULTS = {
     "UPSTREAM_BASE_URL": None,
     "UPSTREAM_API_KEY": None,
     "UPSTREAMS_FILE": None,  # default: instance/upstreams.toml when it exists
-    "DATABASE": None,  # default: instance/relay.sqlite
+    "DATABASE": None,  # default: instance/relay.sqlite; or postgresql://user:pass@host/db
+    "SPOOL_FILE": None,  # default: <database>.spool.jsonl, instance/relay-postgres.spool.jsonl
     "ADMIN_TOKEN": None,
     # Only the old service's non-model name: real names (gpt-4…) mean what they say.
     "MODEL_ALIASES": "gpt-3.5=gpt-3.5-turbo",
@@ -162,6 +165,9 @@ def check(config: dict[str, Any], instance_path: str) -> None:
     )
     if not config["DATABASE"]:
         config["DATABASE"] = os.path.join(instance_path, "relay.sqlite")
+    config["SPOOL_FILE"] = config["SPOOL_FILE"] or default_spool_file(
+        str(config["DATABASE"]), instance_path
+    )
     if not config["RATELIMIT_STORAGE_URI"]:
         path = os.path.join(instance_path, "ratelimit.sqlite")
         config["RATELIMIT_STORAGE_URI"] = f"sqlite:///{os.path.abspath(path)}"
@@ -191,6 +197,24 @@ def check(config: dict[str, Any], instance_path: str) -> None:
             )
     if not config["SECRET_KEY"]:
         config["SECRET_KEY"] = instance_secret(instance_path)
+
+
+def is_postgres_url(target: str) -> bool:
+    """Whether RELAY_DATABASE names a PostgreSQL database (`postgresql://…`) or a SQLite file."""
+    scheme, sep, _ = target.partition("://")
+    if sep and scheme.lower() not in POSTGRES_SCHEMES:
+        raise ConfigError(
+            f"RELAY_DATABASE must be a SQLite file path or a postgresql:// URL, not {scheme}://…."
+        )
+    return bool(sep)
+
+
+def default_spool_file(database: str, instance_path: str) -> str:
+    """Where usage rows wait while the database refuses them: beside a SQLite file, or
+    instance/relay-postgres.spool.jsonl for PostgreSQL (each machine keeps its own)."""
+    if is_postgres_url(database):
+        return os.path.join(instance_path, POSTGRES_SPOOL)
+    return database + ".spool.jsonl"
 
 
 def _parse_tables(config: dict[str, Any]) -> None:

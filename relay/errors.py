@@ -15,6 +15,7 @@
     ├── UpstreamError        502 upstream_error
     ├── UpstreamTimeout      504 upstream_timeout
     └── ServiceUnavailable   503 service_unavailable
+        └── StoreUnavailable 503 store_unavailable
 
 Werkzeug's HTTP errors and flask-limiter's 429 are mapped onto these; anything else is
 logged and answered as a plain 500. A face may wrap the body (the legacy face adds its
@@ -138,6 +139,12 @@ class ServiceUnavailable(RelayError):
     """The relay itself cannot serve (its database is not writable, say)."""
 
     status, type, code = 503, "server_error", "service_unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The relay's database does not answer (PostgreSQL down or unreachable, say)."""
+
+    code = "store_unavailable"
 
 
 # Werkzeug's own HTTP errors mapped onto ours, so every reply has one shape.

@@ -1,14 +1,17 @@
 """Shared fixtures: a real fake upstream on loopback, the app on a temp database, gunicorn runs."""
 
+import contextlib
 import gc
 import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
 import requests
 from hypothesis import settings as hypothesis_settings
@@ -112,12 +115,33 @@ for _name in [n for n in os.environ if n.startswith("RELAY_") or n == "PROMETHEU
     del os.environ[_name]
 
 AUDIT_MODULE = "test_secrets_audit.py"
+# The modules that exercise the store: each of their tests that builds the app runs on both
+# stores, SQLite and a real PostgreSQL (the latter carry the `server` marker).
+STORE_MODULES = {
+    "test_quota",
+    "test_billing",
+    "test_keys_auth",
+    "test_spool",
+    "test_guessing",
+    "test_admin",
+    "test_usage_cli_demo",
+    "test_account_wide",
+}
+STORES = ["sqlite", "postgresql"]
+
+
+def pytest_generate_tests(metafunc):
+    """Run the store modules' app tests once per store."""
+    if metafunc.module.__name__ in STORE_MODULES and "store_url" in metafunc.fixturenames:
+        metafunc.parametrize("store_url", STORES, indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark tests that start servers (`-m "not server"` is the fast loop); audit last."""
     for item in items:
-        if "relay_server" in item.fixturenames:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("store_url") == "postgresql"
+        if "relay_server" in item.fixturenames or on_postgres:
             item.add_marker(pytest.mark.server)
     # The audit reads what every other test made the relay say, so it must come last,
     # whatever its name sorts as and whichever tests were selected.
@@ -156,9 +180,65 @@ def settings(tmp_path, fake):
 
 
 @pytest.fixture
-def app(settings):
+def store_url(request):
+    """The store the app runs on: None for the settings' own SQLite file (the default), or the
+    URL of a fresh database on the session's PostgreSQL (STORE_MODULES run both)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        SECRETS_SEEN.add(request.getfixturevalue("postgres_server").password)  # never said
+        return url
+    return None
+
+
+def on_store(settings, store_url, tmp_path):
+    """Settings moved onto `store_url` when it is PostgreSQL (the spool kept in tmp_path)."""
+    if store_url is None:
+        return settings
+    spool = str(tmp_path / "relay-postgres.spool.jsonl")
+    return {**settings, "DATABASE": store_url, "SPOOL_FILE": spool}
+
+
+@contextlib.contextmanager
+def database_locked(app):
+    """Hold the store's write lock from a connection of our own: the relay's writes wait
+    (and give up at their write timeout) until the block ends; its reads go on."""
+    target = app.config["DATABASE"]
+    if "://" in target:
+        blocker = psycopg.connect(target, autocommit=True)
+        blocker.execute("BEGIN")
+        blocker.execute(
+            "LOCK TABLE keys, usage, inflight, health, admin_sessions IN EXCLUSIVE MODE"
+        )
+    else:
+        blocker = sqlite3.connect(target, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def database_dump(app):
+    """Every row of every table of the app's store, as text."""
+    target = app.config["DATABASE"]
+    if "://" not in target:
+        return "\n".join(sqlite3.connect(target).iterdump())
+    with psycopg.connect(target) as conn:
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()
+        return "\n".join(
+            repr(row)
+            for (table,) in tables
+            for row in conn.execute(f'SELECT * FROM "{table}"')  # noqa: S608
+        )
+
+
+@pytest.fixture
+def app(settings, store_url, tmp_path):
     """The relay app on a temp database, forwarding to the fake upstream."""
-    application = create_app(settings)
+    application = create_app(on_store(settings, store_url, tmp_path))
     application.wsgi_app = _TeeReplies(application.wsgi_app)
     yield application
     close_app(application)

@@ -1,7 +1,7 @@
 """Endpoints that reach the whole upstream account are closed to keys unless opened."""
 
 import pytest
-from conftest import auth, relay_settings
+from conftest import auth, on_store, relay_settings
 from fake_upstream import json_reply
 
 from relay.app import create_app
@@ -48,8 +48,9 @@ def test_a_key_opened_for_a_group_calls_it_and_says_so(client, make_key, fake):
     assert info["endpoints"] == ["files"]
 
 
-def test_a_relay_can_open_a_group_for_every_key(tmp_path, fake):
-    app = create_app(relay_settings(tmp_path, fake, OPEN_ENDPOINTS="batches,files"))
+def test_a_relay_can_open_a_group_for_every_key(tmp_path, fake, store_url):
+    settings = relay_settings(tmp_path, fake, OPEN_ENDPOINTS="batches,files")
+    app = create_app(on_store(settings, store_url, tmp_path))
     key, _ = app.extensions["relay"].store.keys.create("anyone")
     fake.queue(json_reply({"object": "list", "data": []}))
     client = app.test_client()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from conftest import SECRETS_SEEN, auth, close_app, relay_settings
+from conftest import SECRETS_SEEN, auth, close_app, on_store, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply, sse_reply
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,12 +28,13 @@ def settings(settings):
 
 
 @pytest.fixture
-def build_app(tmp_path, fake):
+def build_app(tmp_path, fake, store_url):
     """Factory for apps with other settings (no token, metrics off…); all closed at the end."""
     apps = []
 
     def build(**overrides):
-        application = create_app(relay_settings(tmp_path, fake, **overrides))
+        settings = relay_settings(tmp_path, fake, **overrides)
+        application = create_app(on_store(settings, store_url, tmp_path))
         apps.append(application)
         return application
 

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import sqlite_utils
@@ -32,7 +33,7 @@ def test_a_backup_of_a_store_being_written_is_consistent_and_checked(tmp_path):
     written = []
 
     def keep_writing():
-        writer = Store(store.path)
+        writer = Store(store.description)
         n = 0
         while not stop.is_set():
             writer.db.write(
@@ -48,16 +49,18 @@ def test_a_backup_of_a_store_being_written_is_consistent_and_checked(tmp_path):
     thread = threading.Thread(target=keep_writing)
     thread.start()
     try:
+        deadline = time.monotonic() + 30
         while len(written) < 50:  # the writer is going
-            threading.Event().wait(0.01)
-        summary = backup.backup(store.path, str(tmp_path / "copy.sqlite"))
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        summary = backup.backup(store.description, str(tmp_path / "copy.sqlite"))
     finally:
         stop.set()
         thread.join()
     assert summary.sound and summary.keys == 1 and summary.usage_rows >= 20050
     assert oct(os.stat(tmp_path / "copy.sqlite").st_mode)[-3:] == "600"
     with pytest.raises(FileExistsError):
-        backup.backup(store.path, str(tmp_path / "copy.sqlite"))
+        backup.backup(store.description, str(tmp_path / "copy.sqlite"))
     store.close()
 
 

@@ -31,7 +31,7 @@ from test_streaming import CHAT, chunk, read_events, wait_for_row
 
 from relay.serve import gunicorn_conf
 from relay.serve.launch import free_port, procfile_command
-from relay.store.db import Database
+from relay.store.db import SQLiteDatabase
 from relay.store.keys import KeyStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ def test_every_env_example_line_means_the_same_to_systemd_and_the_relay():
 
 def database_with_key(path):
     """Create and migrate the relay's database at path, with one key in it; returns the key."""
-    db = Database(str(path))
+    db = SQLiteDatabase(str(path))
     try:
         db.migrate()
         key, _ = KeyStore(db).create("k")

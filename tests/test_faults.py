@@ -18,7 +18,7 @@ import sqlite_utils
 from conftest import auth
 from fake_upstream import raw, sse_reply
 
-from relay.store.db import Database
+from relay.store.db import SQLiteDatabase
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -79,7 +79,7 @@ def test_start_waits_for_a_sibling_holding_a_new_file(tmp_path):
     release = threading.Timer(0.3, lambda: sibling.execute("COMMIT"))
     release.start()
     try:
-        Database(path).migrate()
+        SQLiteDatabase(path).migrate()
     finally:
         release.join()
         sibling.close()
@@ -99,7 +99,7 @@ def test_start_retries_a_wal_switch_refused_at_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sqlite_utils.Database, "enable_wal", refused_once)
     path = str(tmp_path / "relay.sqlite")
-    Database(path).migrate()
+    SQLiteDatabase(path).migrate()
     assert refusals == [1]
     assert journal_mode(path) == "wal"
 

@@ -1,10 +1,9 @@
 """Keys: where the client may put them, what happens to bad ones, and the keys CLI."""
 
-import sqlite3
 import time
 
 import pytest
-from conftest import auth
+from conftest import auth, database_dump
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -66,8 +65,7 @@ def test_disable_takes_effect_on_the_next_request(client, app, key):
 
 
 def test_only_hashes_are_stored(app, key):
-    path = app.config["DATABASE"]
-    dump = "\n".join(sqlite3.connect(path).iterdump())
+    dump = database_dump(app)
     assert key not in dump
     assert key[-12:] not in dump
 

@@ -1,11 +1,11 @@
 """Quotas, budgets, expiry and allow-lists; balance endpoints; usage writes that never get lost."""
 
 import multiprocessing
-import sqlite3
+import os
 import threading
 import time
 
-from conftest import auth, relay_settings
+from conftest import auth, database_locked, on_store, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS
 
 from relay.app import create_app
@@ -46,8 +46,10 @@ def test_model_allow_list(client, make_key, fake):
     assert legacy.status_code == 403 and legacy.get_json()["code"] == 403
 
 
-def test_money_budget_with_price_table(tmp_path, fake):
-    app = create_app(relay_settings(tmp_path, fake, PRICES="gpt-4o=10:30"))
+def test_money_budget_with_price_table(tmp_path, fake, store_url):
+    app = create_app(
+        on_store(relay_settings(tmp_path, fake, PRICES="gpt-4o=10:30"), store_url, tmp_path)
+    )
     client = app.test_client()
     key, _ = app.extensions["relay"].store.keys.create("b", budget=0.5)
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
@@ -60,7 +62,7 @@ def test_money_budget_with_price_table(tmp_path, fake):
     assert reply.status_code == 429 and "budget" in reply.get_json()["error"]["message"]
     sub = client.get("/v1/dashboard/billing/subscription", headers=auth(key)).get_json()
     assert sub["hard_limit_usd"] == 0.5 and sub["unit"] == "usd"
-    app.extensions["relay"].store.db.close()
+    app.extensions["relay"].close()
 
 
 def test_monthly_quota_starts_again(client, app, make_key, fake):
@@ -108,9 +110,9 @@ def test_balance_shows_only_the_callers_key(client, make_key, fake):
     )
 
 
-def _write_rows(path, count, key_id):
+def _write_rows(path, spool, count, key_id):
     """Child process: record `count` usage rows from many threads at once."""
-    recorder = Store(path)
+    recorder = Store(path, spool_path=spool)
     record = KeyRecord.from_row({"id": key_id, "name": "w", "enabled": 1, "created_at": 0})
     barrier = threading.Barrier(50)
 
@@ -127,13 +129,14 @@ def _write_rows(path, count, key_id):
         thread.start()
     for thread in threads:
         thread.join()
+    recorder.close()
 
 
 def test_2000_concurrent_usage_writes_from_4_processes_lose_nothing(app, make_key):
     make_key("writer")
-    path = app.config["DATABASE"]
+    path, spool = app.config["DATABASE"], app.config["SPOOL_FILE"]
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_write_rows, args=(path, 500, 1)) for _ in range(4)]
+    processes = [context.Process(target=_write_rows, args=(path, spool, 500, 1)) for _ in range(4)]
     for process in processes:
         process.start()
     for process in processes:
@@ -142,19 +145,16 @@ def test_2000_concurrent_usage_writes_from_4_processes_lose_nothing(app, make_ke
     db = app.extensions["relay"].store.db
     assert db.query_one("SELECT COUNT(*) AS n FROM usage")["n"] == 2000
     assert db.query_one("SELECT used_tokens FROM keys WHERE id = 1")["used_tokens"] == 6000
-    assert not __import__("os").path.exists(path + ".spool.jsonl")
+    assert not os.path.exists(spool)
 
 
 def test_rows_spool_when_the_database_refuses_and_come_back(app, make_key, client, fake):
     key = make_key("spooler")
     db = app.extensions["relay"].store.db
-    blocker = sqlite3.connect(app.config["DATABASE"], isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # someone holds the write lock
     app.extensions["relay"].store.usage.db.write_timeout = 0.3
-    reply = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
-    assert reply.status_code == 200  # the client is never told about our storage trouble
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    with database_locked(app):  # someone holds the write lock
+        reply = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+        assert reply.status_code == 200  # the client is never told about our storage trouble
     assert db.query_one("SELECT COUNT(*) AS n FROM usage")["n"] == 0
     client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     assert db.query_one("SELECT COUNT(*) AS n FROM usage")["n"] == 2  # spooled row replayed

@@ -2,9 +2,8 @@
 
 import json
 import os
-import sqlite3
 
-from conftest import LOG_CAPTURE, auth
+from conftest import LOG_CAPTURE, auth, database_locked
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -16,7 +15,7 @@ def usage_rows(app):
 
 
 def test_torn_and_foreign_lines_are_set_aside_and_the_rest_replayed(app, client, key, fake):
-    spool = app.config["DATABASE"] + ".spool.jsonl"
+    spool = app.config["SPOOL_FILE"]
     good = {"ts": 1.0, "key_id": 1, "face": "openai", "method": "POST", "path": "models"}
     good.update(
         {c: None for c in ("model_requested", "model_served", "upstream", "end_user")},
@@ -40,21 +39,18 @@ def test_torn_and_foreign_lines_are_set_aside_and_the_rest_replayed(app, client,
 
 def test_a_full_disk_answers_503_and_loses_no_answered_call(app, client, key, fake):
     store = app.extensions["relay"].store
-    spool = app.config["DATABASE"] + ".spool.jsonl"
+    spool = app.config["SPOOL_FILE"]
     os.symlink("/dev/full", spool)  # every write to the spool: "No space left on device"
-    blocker = sqlite3.connect(app.config["DATABASE"], isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # and the database takes nothing either
     store.db.write_timeout = 0.3
     try:
-        answered = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
-        assert answered.status_code == 200  # the upstream answered: the client gets it
-        refused = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
-        assert refused.status_code == 503
-        assert refused.get_json()["error"]["code"] == "service_unavailable"
-        assert len(fake.requests) == 1  # nothing more was sent while nothing is recorded
+        with database_locked(app):  # and the database takes nothing either
+            answered = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+            assert answered.status_code == 200  # the upstream answered: the client gets it
+            refused = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+            assert refused.status_code == 503
+            assert refused.get_json()["error"]["code"] == "service_unavailable"
+            assert len(fake.requests) == 1  # nothing more was sent while nothing is recorded
     finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
         os.unlink(spool)
     assert client.post("/v1/chat/completions", json=CHAT, headers=auth(key)).status_code == 200
     assert usage_rows(app) == [(200, "ok"), (503, "service_unavailable"), (200, "ok")]

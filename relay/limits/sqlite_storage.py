@@ -6,7 +6,7 @@ from typing import Any
 
 from limits.storage import MovingWindowSupport, Storage
 
-from relay.store.db import Database
+from relay.store.db import SQLiteDatabase
 
 
 class SQLiteStorage(Storage, MovingWindowSupport):
@@ -23,7 +23,7 @@ class SQLiteStorage(Storage, MovingWindowSupport):
     def __init__(self, uri: str, wrap_exceptions: bool = False, **options: Any) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         path = uri.split("://", 1)[1]
-        self.db = Database(path, write_timeout=5.0, synchronous="OFF")
+        self.db = SQLiteDatabase(path, write_timeout=5.0, synchronous="OFF")
         self.db.write(self._create)
 
     @property

@@ -1,37 +1,52 @@
-"""The store layer: keys, usage rows and the reports read from them, in one SQLite file.
+"""The store layer: keys, usage rows and the reports read from them, in one SQLite file or
+one PostgreSQL database that several relay machines share.
 
 `Store` is the layer's one entry point; nothing outside `store/` (and `limits/`, which
 keeps its own counters) writes SQL.
 """
 
-import sqlite3
 import time
 from typing import Any
 
 from relay.call import Call
+from relay.config import is_postgres_url
 from relay.metering import Need, PriceTable
 from relay.store import queries
-from relay.store.db import Database
+from relay.store.db import Connection, Database, SQLiteDatabase, StoreError
 from relay.store.keys import KeyStore
 from relay.store.ledger import Refusal, process_alive
+from relay.store.postgres import PostgresDatabase
 from relay.store.rows import Pricing, Row
 from relay.store.sessions import SessionStore
 from relay.store.usage import UsageLedger
 
-__all__ = ["Need", "Pricing", "Refusal", "Store", "StoreError"]
+__all__ = ["Need", "Pricing", "Refusal", "Store", "StoreError", "is_postgres_url"]
 
-# What a store raises when its database refuses (locked, read-only, gone).
-StoreError = sqlite3.Error
+
+def open_database(
+    target: str, write_timeout: float = 30.0, spool_path: str | None = None
+) -> Database[Connection]:
+    """The database RELAY_DATABASE names: a `postgresql://` URL, else a SQLite file path."""
+    if is_postgres_url(target):
+        return PostgresDatabase(target, write_timeout=write_timeout, spool_path=spool_path)
+    database = SQLiteDatabase(target, write_timeout=write_timeout)
+    if spool_path:
+        database.spool_path = spool_path
+    return database
 
 
 class Store:
-    """Keys, usage and reports on one database file (RELAY_DATABASE)."""
+    """Keys, usage and reports on one database (RELAY_DATABASE: a SQLite file or PostgreSQL)."""
 
     def __init__(
-        self, path: str, write_timeout: float = 30.0, pricing: Pricing | None = None
+        self,
+        target: str,
+        write_timeout: float = 30.0,
+        pricing: Pricing | None = None,
+        spool_path: str | None = None,
     ) -> None:
-        self.path = path
-        self.db = Database(path, write_timeout=write_timeout)
+        self.db = open_database(target, write_timeout, spool_path)
+        self.description = self.db.description  # for messages: never a password
         self.keys = KeyStore(self.db)
         self.sessions = SessionStore(self.db)
         self.usage = UsageLedger(self.db, pricing or Pricing(PriceTable(), 0.0))
@@ -66,7 +81,9 @@ class Store:
         """One tiny write proving the database takes writes; StoreError when it does not."""
         self.db.write(
             lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),)
+                "INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                (time.time(),),
             ),
             timeout=timeout,
         )
@@ -86,6 +103,11 @@ class Store:
     def recent_calls(self, limit: int) -> list[Row]:
         """The newest calls with key and model names."""
         return queries.recent_calls(self.db, limit)
+
+    @property
+    def spool_path(self) -> str:
+        """Where usage rows wait while the database refuses them."""
+        return self.db.spool_path
 
     def close(self) -> None:
         """Close this process's connections (tests and CLI commands)."""

@@ -1,21 +1,61 @@
-"""SQLite access: one long-lived WAL connection per worker thread; writes retry when busy."""
+"""The store's database: one small interface, and SQLite behind it (one WAL file, a
+connection per worker thread, writes retried while busy).
+
+`Database` is what the rest of the store uses: `query`/`query_one` for reads, `write(fn)`
+for a transaction in which `fn(conn)` runs statements with `conn.execute(sql, params)`
+(`?` placeholders; rows readable by index and by column name), `migrate`, `close`.
+`SQLiteDatabase` is today's store; `postgres.PostgresDatabase` the one several machines share.
+"""
 
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
+import psycopg
 import sqlite_utils
 from gevent.monkey import get_original
 
 from relay.store import schema
+from relay.store.dialect import SQLITE, Dialect
 
 T = TypeVar("T")
+C_co = TypeVar("C_co", covariant=True)  # the connection type a database hands to write()
 RowDict = dict[str, Any]
+Params = Sequence[Any]
+# What a store raises when its database refuses (locked, read-only, gone, unreachable):
+# the engines' own errors, caught as one with `except StoreError`.
+StoreError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+# What a single row can cause that says "this row is bad", not "the database is": a
+# spooled row is then set aside rather than retried forever.
+BadRow: tuple[type[Exception], ...] = (
+    sqlite3.IntegrityError,
+    psycopg.IntegrityError,
+    psycopg.DataError,
+    psycopg.ProgrammingError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
 
 log = logging.getLogger("relay.db")
+
+
+def spoiling_errors() -> tuple[type[Exception], ...]:
+    """The errors spoils_transaction() is true of."""
+    return (psycopg.OperationalError,)
+
+
+def spoils_transaction(exc: BaseException) -> bool:
+    """Whether an error inside a transaction spoils all of it (retry the whole), rather than
+    the one statement that raised it (undo that savepoint): PostgreSQL's lost connections,
+    deadlocks and lock timeouts. SQLite's never do: BEGIN IMMEDIATE took the lock first."""
+    return isinstance(exc, spoiling_errors())
+
+
 # The unpatched get_ident: gevent patches threading into greenlets, but a SQLite connection
 # belongs to an OS thread.
 _get_ident = get_original("_thread", "get_ident")
@@ -30,8 +70,68 @@ def _real_thread_id() -> int:
     return int(_get_ident())
 
 
-class Database:
-    """The relay's store: opens, migrates and hands out connections to one SQLite file.
+class Cursor(Protocol):
+    """What `conn.execute` returns on either engine."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows an UPDATE or DELETE touched."""
+
+    def fetchone(self) -> Any:
+        """The next row (by index and by column name), or None."""
+
+    def fetchall(self) -> list[Any]:
+        """The remaining rows."""
+
+
+class Connection(Protocol):
+    """What `write(fn)` hands to `fn`: statements with `?` placeholders, in one transaction."""
+
+    def execute(self, sql: str, parameters: Params = (), /) -> Cursor:
+        """Run one statement."""
+
+
+class Database(ABC, Generic[C_co]):
+    """A store database: reads, retried write transactions, migrations."""
+
+    dialect: Dialect
+    write_timeout: float  # seconds a write retries a busy or locked database
+    description: str  # for messages: a file path, or a URL without its password
+    spool_path: str  # where usage rows wait while the database refuses them
+    # Whether GroupCommit gives each operation of a batch its own savepoint (SQLite: they
+    # cost nothing) or runs a failed batch again one operation at a time (PostgreSQL).
+    batch_savepoints = True
+
+    @abstractmethod
+    def query(self, sql: str, params: Params = ()) -> list[RowDict]:
+        """Run a read and return all rows as dicts."""
+
+    @abstractmethod
+    def query_one(self, sql: str, params: Params = ()) -> RowDict | None:
+        """Run a read and return the first row as a dict, or None."""
+
+    @abstractmethod
+    def write(
+        self, fn: Callable[[C_co], T], timeout: float | None = None, durable: bool = True
+    ) -> T:
+        """Run fn(conn) in one transaction, retried while the database is busy or locked
+        (up to `timeout`, default write_timeout); StoreError when it never takes it.
+
+        durable=False lets the commit return before it is flushed to disk (PostgreSQL's
+        asynchronous commit: a server crash may lose it; later durable commits flush it).
+        SQLite's WAL commits are never flushed one by one (synchronous=NORMAL) anyway."""
+
+    @abstractmethod
+    def migrate(self) -> None:
+        """Create or upgrade the schema; safe to call from every worker at start."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close this process's connections (tests and CLI commands)."""
+
+
+class SQLiteDatabase(Database[sqlite3.Connection]):
+    """The relay's store in one SQLite file: opens, migrates and hands out connections.
 
     Opening a connection costs ~0.3 ms (schema load, WAL index mapping), far more
     than the queries a request makes, so each process keeps one per OS thread.
@@ -39,8 +139,12 @@ class Database:
     transaction runs to completion without yielding (SQLite calls never yield).
     """
 
+    dialect = SQLITE
+
     def __init__(self, path: str, write_timeout: float = 30.0, synchronous: str = "NORMAL") -> None:
         self.path = path
+        self.description = path
+        self.spool_path = path + ".spool.jsonl"
         self.write_timeout = write_timeout
         self.synchronous = synchronous
         self._connections: dict[tuple[int, int], sqlite3.Connection] = {}
@@ -95,16 +199,21 @@ class Database:
         finally:
             db.close()
 
-    def query(self, sql: str, params: tuple | list = ()) -> list[RowDict]:
+    def query(self, sql: str, params: Params = ()) -> list[RowDict]:
         """Run a read and return all rows as dicts."""
         return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
 
-    def query_one(self, sql: str, params: tuple | list = ()) -> RowDict | None:
+    def query_one(self, sql: str, params: Params = ()) -> RowDict | None:
         """Run a read and return the first row as a dict, or None."""
         row = self.conn.execute(sql, params).fetchone()
         return dict(row) if row is not None else None
 
-    def write(self, fn: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
+    def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        timeout: float | None = None,
+        durable: bool = True,
+    ) -> T:
         """Run fn(conn) inside BEGIN IMMEDIATE … COMMIT, retrying while the file is locked.
 
         Retries sleep with time.sleep, which gevent turns into a cooperative wait,

@@ -4,13 +4,12 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from typing import Any
 
 from relay.call import KeyRecord
 from relay.endpoints import parse_groups
-from relay.store.db import Database
+from relay.store.db import Connection, Database
 
 KEY_PREFIX = "sk-relay-"
 # Columns an operator may change; `keys` rows carry usage counters too.
@@ -71,7 +70,7 @@ def parse_models(value: object) -> str | None:
 class KeyStore:
     """Reads and writes the `keys` table."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database[Connection]) -> None:
         self.db = db
 
     def create(self, name: str, key: str | None = None, **settings: Any) -> tuple[str, KeyRecord]:
@@ -95,7 +94,7 @@ class KeyStore:
         }
         row.update(self._checked(settings))
 
-        def insert(conn: sqlite3.Connection) -> int:
+        def insert(conn: Connection) -> int:
             if conn.execute(
                 "SELECT 1 FROM keys WHERE name = ? AND deleted_at IS NULL", (name,)
             ).fetchone():
@@ -104,9 +103,8 @@ class KeyStore:
                 raise ValueError("that key string is already in use")
             columns = ", ".join(row)
             marks = ", ".join("?" for _ in row)
-            sql = f"INSERT INTO keys ({columns}) VALUES ({marks})"  # noqa: S608 - our column names
-            cursor = conn.execute(sql, tuple(row.values()))
-            return int(cursor.lastrowid or 0)
+            sql = f"INSERT INTO keys ({columns}) VALUES ({marks}) RETURNING id"  # noqa: S608
+            return int(conn.execute(sql, tuple(row.values())).fetchone()[0])
 
         key_id = self.db.write(insert)
         record = self.get(key_id)
@@ -177,7 +175,8 @@ class KeyStore:
     def delete(self, name: str) -> None:
         """Delete a key: it stops working at once; its row stays (no hash) to name its usage.
 
-        Its id is never given to another key (AUTOINCREMENT), and its name is free again.
+        Its id is never given to another key (AUTOINCREMENT, or PostgreSQL's identity), and
+        its name is free again.
         """
         sql = (
             "UPDATE keys SET deleted_at = ?, key_hash = NULL, enabled = 0 "

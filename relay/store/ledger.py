@@ -14,30 +14,34 @@ the row into a usage row with outcome `worker_lost` (see `lost_rows`).
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from relay.metering import Need
+from relay.store.db import Connection
 from relay.store.rows import USAGE_COLUMNS, Row
 
 # How long a row of another host may stay in flight before it counts as lost: longer
 # than any call (streams of hours included), short enough to free a dead host's quota.
 FOREIGN_ROW_SECONDS = 6 * 3600
 Alive = Callable[[int], bool]  # whether a process of this machine is still running
-INSERT_USAGE = (
+# A call's usage row, or (a `worker_lost` row recovered while this one waited in the
+# spool) the same call's row replaced: one row per call id, however often it is settled.
+UPSERT_USAGE = (
     f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "  # noqa: S608 - constant column list
-    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (call_id) DO NOTHING"
+    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (call_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in USAGE_COLUMNS if c != "call_id")
 )
-REPLACE_USAGE = (
-    f"UPDATE usage SET {', '.join(f'{c} = ?' for c in USAGE_COLUMNS)} "  # noqa: S608
-    "WHERE call_id = ?"
-)
+# The key is charged the row's tokens and cost less what an earlier row of the same call
+# (if any) charged: run before the upsert, it reads that row as it was.
 SETTLE_KEY = (
-    "UPDATE keys SET used_tokens = used_tokens + ?, spent = spent + ?, "
-    "last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
+    "UPDATE keys SET "
+    "used_tokens = used_tokens + ? - COALESCE((SELECT charged_tokens FROM usage "
+    "WHERE call_id = ?), 0), "
+    "spent = spent + ? - COALESCE((SELECT cost FROM usage WHERE call_id = ?), 0), "
+    "last_used_at = CASE WHEN last_used_at > ? THEN last_used_at ELSE ? END WHERE id = ?"
 )
 
 
@@ -74,20 +78,41 @@ def host_id() -> str:
 
 
 def admit(
-    conn: sqlite3.Connection, call_id: str, key_id: int, need: Need, draft: Row, host: str
+    conn: Connection,
+    call_id: str,
+    key_id: int,
+    need: Need,
+    draft: Row,
+    host: str,
+    lock_row: str = "",
+    metered: bool = True,
 ) -> Refusal | None:
     """Insert the call's in-flight row, reserving what it may use or the room that is left;
-    a Refusal when the key's quota or budget has no room even for its prompt."""
-    key = conn.execute(
-        "SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?", (key_id,)
-    ).fetchone()
+    a Refusal when the key's quota or budget has no room even for its prompt.
+
+    `lock_row` (the dialect's) holds a metered key's row until the transaction ends, so
+    every instance checking this key's quota waits for this reservation (SQLite: the write
+    lock of BEGIN IMMEDIATE already does). There, a key that had no quota or budget when
+    the call was authenticated (`metered` False) reserves without reading its row: the
+    insert needs no answer, so a batch of such calls costs PostgreSQL one round trip.
+    """
+    if lock_row and not metered:
+        _reserve(conn, call_id, key_id, need.tokens, need.cost, draft, host)
+        return None
+    read = "SELECT quota_tokens, used_tokens, budget, spent FROM keys WHERE id = ?"
+    key = conn.execute(read, (key_id,)).fetchone()
+    if key is not None and lock_row and (key[0] is not None or key[2] is not None):
+        # A metered key: read again under its row lock. An unmetered one needs no lock, so
+        # its calls never queue behind each other's transactions.
+        key = conn.execute(read + lock_row, (key_id,)).fetchone()
     if key is None:
         raise LookupError(f"key #{key_id} is gone")
     quota, used, budget, spent = key[0], key[1], key[2], key[3]
     tokens, cost = need.tokens, need.cost
     if quota is not None or budget is not None:
         held_tokens, held_cost = conn.execute(
-            "SELECT COALESCE(SUM(reserved_tokens), 0), COALESCE(SUM(reserved_cost), 0) "
+            "SELECT CAST(COALESCE(SUM(reserved_tokens), 0) AS BIGINT), "
+            "COALESCE(SUM(reserved_cost), 0) "
             "FROM inflight WHERE key_id = ?",
             (key_id,),
         ).fetchone()
@@ -101,16 +126,23 @@ def admit(
             if money_room <= 0 or money_room < need.least_cost:
                 return Refusal("budget", budget, spent, held_cost, need.least_cost)
             cost = min(cost, money_room)
+    _reserve(conn, call_id, key_id, tokens, cost, draft, host)
+    return None
+
+
+def _reserve(
+    conn: Connection, call_id: str, key_id: int, tokens: int, cost: float, draft: Row, host: str
+) -> None:
+    """Insert a call's in-flight row holding its reservation."""
     now = time.time()
     conn.execute(
         "INSERT INTO inflight (call_id, key_id, reserved_tokens, reserved_cost, host, pid, "
         "started_at, updated_at, draft) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (call_id, key_id, tokens, cost, host, os.getpid(), now, now, json.dumps(draft)),
     )
-    return None
 
 
-def progress(conn: sqlite3.Connection, call_id: str, draft: Row) -> None:
+def progress(conn: Connection, call_id: str, draft: Row) -> None:
     """Note what a running call has done so far, for the row written if its worker dies."""
     conn.execute(
         "UPDATE inflight SET draft = ?, updated_at = ? WHERE call_id = ?",
@@ -118,27 +150,23 @@ def progress(conn: sqlite3.Connection, call_id: str, draft: Row) -> None:
     )
 
 
-def settle(conn: sqlite3.Connection, row: Row) -> None:
+def settle(conn: Connection, row: Row) -> None:
     """Write a call's usage row, charge its key and end its reservation (idempotent).
 
     A row already written for the same call (a `worker_lost` row recovered while this
-    one waited in the spool) is replaced, and the key is charged the difference.
+    one waited in the spool) is replaced, and the key is charged the difference. No
+    statement's result is needed, so PostgreSQL gets all three in one round trip.
     """
-    values = tuple(row[c] for c in USAGE_COLUMNS)
-    charged, cost = row["charged_tokens"], row["cost"]
-    if conn.execute(INSERT_USAGE, values).rowcount == 0:
-        old = conn.execute(
-            "SELECT charged_tokens, cost FROM usage WHERE call_id = ?", (row["call_id"],)
-        ).fetchone()
-        conn.execute(REPLACE_USAGE, (*values, row["call_id"]))
-        charged, cost = charged - (old[0] or 0), cost - (old[1] or 0.0)
+    call_id = row["call_id"]
     if row["key_id"] is not None:
-        conn.execute(SETTLE_KEY, (charged, cost, row["ts"], row["key_id"]))
-    conn.execute("DELETE FROM inflight WHERE call_id = ?", (row["call_id"],))
+        charge = (row["charged_tokens"], call_id, row["cost"], call_id, row["ts"], row["ts"])
+        conn.execute(SETTLE_KEY, (*charge, row["key_id"]))
+    conn.execute(UPSERT_USAGE, tuple(row[c] for c in USAGE_COLUMNS))
+    conn.execute("DELETE FROM inflight WHERE call_id = ?", (call_id,))
 
 
 def lost_rows(
-    conn: sqlite3.Connection, host: str, alive: Alive, now: float | None = None
+    conn: Connection, host: str, alive: Alive, now: float | None = None
 ) -> list[tuple[dict[str, Any], float]]:
     """(draft, last update) of in-flight rows whose worker is gone: dead on this host, or a
     row of another host (or an earlier boot of this one) left far longer than any call."""

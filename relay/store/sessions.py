@@ -1,16 +1,15 @@
 """Operator sessions of /admin, kept on the server so that signing out ends them for good."""
 
 import secrets
-import sqlite3
 import time
 
-from relay.store.db import Database
+from relay.store.db import Connection, Database
 
 
 class SessionStore:
     """Reads and writes the `admin_sessions` table: one row per signed-in browser."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database[Connection]) -> None:
         self.db = db
 
     def start(self, fingerprint: str, lifetime: float) -> str:
@@ -18,7 +17,7 @@ class SessionStore:
         sid = secrets.token_urlsafe(32)
         now = time.time()
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Connection) -> None:
             conn.execute("DELETE FROM admin_sessions WHERE expires_at <= ?", (now,))
             conn.execute(
                 "INSERT INTO admin_sessions (id, fingerprint, created_at, expires_at) "
