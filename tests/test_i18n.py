@@ -18,7 +18,7 @@ from conftest import SECRETS_SEEN, auth, close_app, relay_settings
 from fake_upstream import FAKE_COMPLETION_TOKENS, FAKE_PROMPT_TOKENS, json_reply
 
 from relay.app import create_app
-from relay.config import ConfigError
+from relay.config import DEFAULTS, ConfigError
 from relay.faces.legacy_msg import UPSTREAM_MESSAGES
 from relay.i18n import TRANSLATIONS
 
@@ -140,7 +140,8 @@ def every_page(build, tmp_path, fake, headers):
     keys = app.extensions["relay"].store.keys
     alice, _ = keys.create("阿丽斯", quota_tokens=1234567, rpm=5, models="gpt-4o")
     monthly, _ = keys.create("按月", quota_tokens=1000, quota_period="monthly", tpm=100)
-    SECRETS_SEEN.update((alice, monthly))
+    budget, _ = keys.create("钱包", budget="12.5", expires_at="2031-05-06")
+    SECRETS_SEEN.update((alice, monthly, budget))
     keys.create("停用的", budget="10", expires_at="2031-05-06")
     keys.set_enabled("停用的", False)
     client = app.test_client()
@@ -158,6 +159,7 @@ def every_page(build, tmp_path, fake, headers):
     pages["keyholder bad key"] = client.post("/usage", data={"key": "sk-no"}, headers=headers)
     pages["keyholder summary"] = client.post("/", data={"key": alice}, headers=headers)
     pages["keyholder monthly"] = client.post("/", data={"key": monthly}, headers=headers)
+    pages["keyholder budget"] = client.post("/", data={"key": budget}, headers=headers)
     pages["login"] = client.get("/admin/login", headers=headers).get_data(as_text=True)
     wrong = {"csrf_token": csrf_of(pages["login"]), "token": "wrong"}
     pages["login wrong token"] = client.post("/admin/login", data=wrong, headers=headers)
@@ -245,7 +247,7 @@ def test_every_page_in_chinese_leaves_no_english_and_in_english_no_chinese(
     for name, html in english.items():
         assert '<html lang="en">' in html, name
         shown = [text for text in visible(html, "zh") if HAN.search(text)]
-        data = {"阿丽斯", "按月", "停用的", "新的", "不限"}  # the key names: data, not words
+        data = {"阿丽斯", "按月", "钱包", "停用的", "新的", "不限"}  # key names: data, not words
         assert [text for text in shown if not any(n in text for n in data)] == [], name
     # Errors and notes are said in the page's language too.
     assert "密钥传的不对：请向中转服务的管理员索取有效的密钥。" in chinese["keyholder bad key"]
@@ -417,3 +419,18 @@ def test_legacy_msg_is_chinese_by_default_and_english_with_the_setting(build_app
     assert zh[7] == "上游服务返回错误（HTTP 404）：Bad model."
     # Worded by relay/upstream/ with values: its code's sentence, then the English.
     assert zh[8] == "上游服务出错：" + english[8] and "HTTP 500" in zh[8]
+
+
+# --- the Chinese README --------------------------------------------------------------------------
+
+
+def test_the_readmes_link_each_other_and_the_chinese_one_names_real_settings():
+    english = (ROOT / "README.md").read_text()
+    chinese = (ROOT / "README.zh-CN.md").read_text()
+    assert "[README.zh-CN.md](README.zh-CN.md)" in english.split("\n## ", 1)[0]
+    assert "[README.md](README.md)" in chinese.split("\n## ", 1)[0]
+    assert "make run" in chinese and "make test" in chinese  # the same two commands
+    named = set(re.findall(r"(?<![$\w])RELAY_([A-Z_]+[A-Z])\b", chinese))  # not $RELAY_KEY
+    assert named and sorted(named - set(DEFAULTS)) == []
+    # Every setting it names is one the English README's table documents too.
+    assert [n for n in sorted(named) if f"| `RELAY_{n}` |" not in english] == []

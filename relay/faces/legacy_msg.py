@@ -6,7 +6,8 @@ error's own template translated with its values kept, else the sentence of its e
 followed by the English message, so no detail is lost.
 """
 
-from relay.i18n import ENGLISH, N_, Text, catalog, translated
+from relay.config import ConfigError
+from relay.i18n import ENGLISH, N_, TRANSLATIONS, Text, catalog, translated
 
 # What an error code says when its own message has no translation: an HTTP error werkzeug
 # named, or a message relay/upstream/ words with values in it.
@@ -48,7 +49,13 @@ class LegacyMessages:
 
     def __init__(self, language: str) -> None:
         self.language = language
-        self.catalog = catalog(language)
+        try:
+            self.catalog = catalog(language)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"RELAY_LEGACY_LANGUAGE={language} has no compiled catalog in {TRANSLATIONS}: "
+                "run `.venv/bin/pybabel compile -d relay/translations`."
+            ) from None
 
     def error(self, text: Text, code: str, status: int) -> str:
         """The relay's own error: its template translated, else its code's sentence."""
