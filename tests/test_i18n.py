@@ -434,3 +434,30 @@ def test_the_readmes_link_each_other_and_the_chinese_one_names_real_settings():
     assert named and sorted(named - set(DEFAULTS)) == []
     # Every setting it names is one the English README's table documents too.
     assert [n for n in sorted(named) if f"| `RELAY_{n}` |" not in english] == []
+
+
+def test_rate_limit_msgs_name_the_limit_that_was_hit(build_app, tmp_path):
+    url = "/api/v1/models"
+    for settings, said, english in (
+        (
+            {"GLOBAL_RPM": 1},
+            "整个中转服务每分钟最多处理 1 次请求",
+            "for the whole relay: 1 requests",
+        ),
+        ({"DEFAULT_RPM": 1}, "该密钥每分钟最多 1 次请求", "for this key: 1 requests/minute"),
+    ):
+        name = next(iter(settings))
+        app = build_app(
+            DATABASE=str(tmp_path / f"{name}.sqlite"),
+            RATELIMIT_STORAGE_URI=f"sqlite:///{tmp_path / f'{name}-limits.sqlite'}",
+            **settings,
+        )
+        key, _ = app.extensions["relay"].store.keys.create("limited")
+        SECRETS_SEEN.add(key)
+        client = app.test_client()
+        assert client.get(url, headers=auth(key)).status_code == 200
+        refused = client.get(url, headers=auth(key))
+        body = refused.get_json()
+        assert refused.status_code == 429 and body["error"]["code"] == "rate_limit_exceeded"
+        assert english in body["error"]["message"]
+        assert body["msg"].startswith(f"请求过于频繁：{said}，请在当前时间窗口结束后重试。")
