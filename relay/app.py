@@ -16,7 +16,7 @@ from relay.serve import cli
 from relay.state import EXTENSION, RelayState
 from relay.store import Pricing, Store, StoreError
 from relay.upstream import Upstreams
-from relay.web import admin, health, keyholder, metrics
+from relay.web import admin, health, keyholder, language, metrics
 
 # What opening the store can raise: the engines' errors, or the file system's.
 OPEN_ERRORS: tuple[type[Exception], ...] = (*StoreError, OSError)
@@ -51,6 +51,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     faces.init_app(app, api_faces, limits)
     health.init_app(app)
+    language.init_app(app)
     admin.init_app(app)
     keyholder.init_app(app)
     cli.init_app(app)

@@ -76,7 +76,8 @@ def authenticate(store: KeyStore, key: str | None) -> KeyRecord:
         raise InvalidApiKey("Incorrect API key provided: this key is disabled.")
     if record.expired():
         raise InvalidApiKey(
-            f"Incorrect API key provided: this key expired at {utc_minute(record.expires_at)} UTC."
+            "Incorrect API key provided: this key expired at %(expired)s UTC.",
+            expired=utc_minute(record.expires_at),
         )
     started = record.period_started_at or 0
     if record.quota_period == "monthly" and started < month_start_ts(time.time()):

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import dotenv
 
-from relay import metering
+from relay import i18n, metering
 from relay.endpoints import parse_groups
 from relay.metering import PriceTable
 
@@ -68,6 +68,8 @@ DEFAULTS = {
     "SESSION_COOKIE_SECURE": False,  # Flask's own setting: on when served over HTTPS
     "LOG_LEVEL": "INFO",
     "OPEN_ENDPOINTS": "",  # account-wide endpoint groups open to every key (endpoints.py)
+    "LANGUAGE": None,  # the pages' language for everyone; default: each browser's choice
+    "LEGACY_LANGUAGE": "zh",  # the legacy face's `msg` on failures: the old services' language
 }
 
 INT_SETTINGS = {
@@ -163,6 +165,8 @@ def check(config: dict[str, Any], instance_path: str) -> None:
     config["DEFAULT_COMPLETION_MODEL"] = _model_name(
         "DEFAULT_COMPLETION_MODEL", config["DEFAULT_COMPLETION_MODEL"]
     )
+    config["LANGUAGE"] = _language("LANGUAGE", config["LANGUAGE"], optional=True)
+    config["LEGACY_LANGUAGE"] = _language("LEGACY_LANGUAGE", config["LEGACY_LANGUAGE"])
     if not config["DATABASE"]:
         config["DATABASE"] = os.path.join(instance_path, "relay.sqlite")
     config["SPOOL_FILE"] = config["SPOOL_FILE"] or default_spool_file(
@@ -325,6 +329,19 @@ def _model_name(name: str, value: object) -> str:
     if not model:
         raise ConfigError(f"RELAY_{name} must name a model, e.g. {DEFAULTS[name]}.")
     return model
+
+
+def _language(name: str, value: object, optional: bool = False) -> str | None:
+    """A setting naming one of the relay's languages (en, zh); None for an unset optional one."""
+    if optional and (value is None or not str(value).strip()):
+        return None
+    chosen = i18n.language(value)
+    if chosen is None:
+        spelled = " or ".join(i18n.LANGUAGES)
+        raise ConfigError(
+            f"RELAY_{name} must be {spelled} (zh is Simplified Chinese), not {value!r}."
+        )
+    return chosen
 
 
 def _as_bool(name: str, value: object) -> bool:

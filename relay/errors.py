@@ -22,6 +22,11 @@ logged and answered as a plain 500. A face may wrap the body (the legacy face ad
 `code`/`msg` envelope) through the shaper given to `init_app`. What gunicorn refuses
 before the app runs (a malformed request head) gets the same body from the worker
 (relay/serve/worker.py), built by `error_body` too.
+
+Messages are English templates with named values (`%(model)r`), so `error.message` stays
+English, as client libraries match its wording, while the legacy face's `msg` and the
+pages can say the same template in another language (relay/i18n.py). `pybabel extract`
+finds the templates by the class names (babel.cfg).
 """
 
 import json
@@ -34,11 +39,13 @@ from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 from relay.call import as_outcome
+from relay.i18n import Text
 
 log = logging.getLogger("relay")
 SHAPER = "relay_error_shaper"
-# Adds a face's envelope to an error body: (URL path, status, OpenAI error body) -> reply body.
-ErrorShaper = Callable[[str, int, dict[str, Any]], dict[str, Any]]
+# Adds a face's envelope to an error body: (URL path, status, OpenAI error body, the
+# message's template and values) -> reply body.
+ErrorShaper = Callable[[str, int, dict[str, Any], Text], dict[str, Any]]
 
 
 class RelayError(Exception):
@@ -49,10 +56,17 @@ class RelayError(Exception):
     code: str = "internal_error"
 
     def __init__(
-        self, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **values: object,
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        """`message` is an English template; `values` fill its `%(name)s` placeholders."""
+        self.text = Text(message, values)
+        self.message = self.text.english()
+        super().__init__(self.message)
         self.param = param
         self.headers = dict(headers or {})
 
@@ -147,14 +161,6 @@ class StoreUnavailable(ServiceUnavailable):
     code = "store_unavailable"
 
 
-# Werkzeug's own HTTP errors mapped onto ours, so every reply has one shape.
-HTTP_EXCEPTIONS: dict[int, type[RelayError]] = {
-    404: NotFound,
-    405: MethodNotAllowed,
-    413: RequestTooLarge,
-}
-
-
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error object, the one shape of every error the relay sends."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -168,7 +174,7 @@ def error_response(err: RelayError) -> Response:
     body = error_body(err.message, err.type, err.code, err.param)
     shape: ErrorShaper | None = current_app.extensions.get(SHAPER)
     if shape is not None:
-        body = shape(request.path, err.status, body)
+        body = shape(request.path, err.status, body, err.text)
     response = current_app.response_class(
         json.dumps(body, ensure_ascii=False), status=err.status, mimetype="application/json"
     )
@@ -178,22 +184,29 @@ def error_response(err: RelayError) -> Response:
 
 
 def handle_http_exception(exc: HTTPException) -> Response:
-    """Map werkzeug's 404/405/413/429 (and any other HTTP error) onto the relay's shape."""
+    """Map werkzeug's 404/405/413/429 (and any other HTTP error) onto the relay's shape, so
+    every reply has one."""
     err: RelayError
     valid_methods = getattr(exc, "valid_methods", None) or []
     if isinstance(exc, RateLimitExceeded):
-        reason = exc.description or ""
-        if not reason.startswith("Rate limit"):
-            reason = f"Rate limit reached: {reason}."  # a bare limit such as "10 per 1 minute"
-        err = RateLimited(f"{reason} Retry after the window resets.")
-    elif exc.code in HTTP_EXCEPTIONS:
-        messages = {
-            404: f"Unknown path {request.path}.",
-            405: f"Method {request.method} is not allowed on {request.path}"
-            + (f"; use {', '.join(valid_methods)}." if valid_methods else "."),
-            413: "Request body is larger than the relay accepts.",
-        }
-        err = HTTP_EXCEPTIONS[exc.code](messages[exc.code])
+        err = _rate_limited(exc)
+    elif exc.code == 404:
+        err = NotFound("Unknown path %(path)s.", path=request.path)
+    elif exc.code == 405 and valid_methods:
+        err = MethodNotAllowed(
+            "Method %(method)s is not allowed on %(path)s; use %(allowed)s.",
+            method=request.method,
+            path=request.path,
+            allowed=", ".join(valid_methods),
+        )
+    elif exc.code == 405:
+        err = MethodNotAllowed(
+            "Method %(method)s is not allowed on %(path)s.",
+            method=request.method,
+            path=request.path,
+        )
+    elif exc.code == 413:
+        err = RequestTooLarge("Request body is larger than the relay accepts.")
     else:
         err = RelayError(exc.description or exc.name)
         err.status = exc.code or 500
@@ -203,6 +216,21 @@ def handle_http_exception(exc: HTTPException) -> Response:
     if exc.code == 405 and valid_methods:
         response.headers["Allow"] = ", ".join(valid_methods)
     return response
+
+
+def _rate_limited(exc: RateLimitExceeded) -> RateLimited:
+    """flask-limiter's 429 in the relay's words: every limit it enforces is per minute."""
+    rpm = exc.limit.limit.amount
+    if exc.limit.scope == "global":  # flask-limiter's scope of the application-wide limit
+        return RateLimited(
+            "Rate limit reached for the whole relay: %(rpm)d requests/minute. "
+            "Retry after the window resets.",
+            rpm=rpm,
+        )
+    return RateLimited(
+        "Rate limit reached for this key: %(rpm)d requests/minute. Retry after the window resets.",
+        rpm=rpm,
+    )
 
 
 def handle_unexpected(exc: Exception) -> Response:

@@ -3,6 +3,7 @@
 from typing import Any
 
 from relay.call import Call, FaceName
+from relay.i18n import Text
 from relay.upstream import Relayed
 
 
@@ -38,14 +39,13 @@ class Face:
         """A reply of the relay's own endpoints (balance), in this face's shape."""
         return payload
 
-    def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
-        """An error body in this face's shape (OpenAI's as it is)."""
+    def shape_error(
+        self, url_path: str, status: int, body: dict[str, Any], text: Text
+    ) -> dict[str, Any]:
+        """An error body in this face's shape (OpenAI's as it is); `text` is the message's
+        template and values, for a face that says it in another language."""
         return body
 
     def owns(self, url_path: str) -> bool:
         """Whether the relay's own answers on this URL (errors too) take this face's shape."""
         return self.api_path(url_path) is not None
-
-    def explain_not_found(self, url_path: str) -> str:
-        """A hint added to the 404 of a URL this face owns but has no route for ("": none)."""
-        return ""

@@ -20,6 +20,7 @@ from relay.errors import (
     ServiceUnavailable,
 )
 from relay.face import Face
+from relay.i18n import Text
 from relay.metering import (
     PriceTable,
     billing_of,
@@ -33,6 +34,8 @@ from relay.store import Refusal, StoreError
 from relay.upstream import Relayed
 
 log = logging.getLogger("relay")
+# The units of RELAY_PRICES as a refusal names them, in the language it is said in.
+UNIT_WORDS = {"image": Text("image"), "second": Text("second"), "character": Text("character")}
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -139,7 +142,7 @@ def admit(call: Call) -> None:
         log.warning("call admitted without an in-flight row: %s", exc)
         refusal = None
     if refusal is not None:
-        raise QuotaExceeded(refusal_message(refusal))
+        raise quota_refusal(refusal)
     current.limits.admit(call)
 
 
@@ -165,13 +168,24 @@ def check_models(call: Call, key: KeyRecord, implied: str | None) -> None:
     if asked is None and billing_of(call.path, call.method) in ("tokens", "units"):
         # The upstream would pick a model itself, one the list may not hold.
         raise ModelNotAllowed(
-            f"This key may use only some models, and this call names none: set `model` to "
-            f"one of {', '.join(key.models)}.",
+            "This key may use only some models, and this call names none: set `model` to "
+            "one of %(models)s.",
             param="model",
+            models=", ".join(key.models),
         )
     if not (key.allows_model(asked) or key.allows_model(call.model_requested)):
-        shown = call.model_requested or f"{implied} (the default of /{call.path})"
-        raise ModelNotAllowed(f"This key may not use the model {shown!r}.", param="model")
+        if call.model_requested:
+            raise ModelNotAllowed(
+                "This key may not use the model %(model)r.",
+                param="model",
+                model=call.model_requested,
+            )
+        raise ModelNotAllowed(
+            "This key may not use the model %(model)r, the default of /%(path)s.",
+            param="model",
+            model=implied,
+            path=call.path,
+        )
 
 
 def check_account_wide(call: Call, key: KeyRecord, open_groups: tuple[str, ...]) -> None:
@@ -180,9 +194,12 @@ def check_account_wide(call: Call, key: KeyRecord, open_groups: tuple[str, ...])
     if group is None or group in key.endpoints or group in open_groups:
         return
     raise EndpointNotAllowed(
-        f"{call.method} /{call.path} reaches the relay's whole upstream account "
-        f"({group}: every key holder's shares it), so it is closed to keys by default. "
-        f"Ask the relay's operator to open it for your key (--endpoints {group})."
+        "%(method)s /%(path)s reaches the relay's whole upstream account "
+        "(%(group)s: every key holder's shares it), so it is closed to keys by default. "
+        "Ask the relay's operator to open it for your key (--endpoints %(group)s).",
+        method=call.method,
+        path=call.path,
+        group=group,
     )
 
 
@@ -190,36 +207,56 @@ def check_billable(call: Call, key: KeyRecord, prices: PriceTable) -> None:
     """A key with a quota or budget may only make calls the relay can measure and price."""
     billing = billing_of(call.path, call.method)
     models = (call.model, call.model_requested)
-    reason = None
+    model = call.model or Text("this model")
     if billing == "unbillable":
-        reason = "spends upstream money the relay cannot measure"
-    elif billing == "units":
-        unit = unit_of(call.path)
-        if unit and prices.unit_price(models, unit, variant_of(call.json)) is None:
-            reason = f"has no price per {unit} for {call.model or 'this model'} (RELAY_PRICES)"
-    elif billing == "tokens" and key.budget is not None and prices.token_rates(*models) is None:
-        reason = f"has no token price for {call.model or 'this model'} (RELAY_PRICES)"
-    if reason:
         raise EndpointNotAllowed(
-            f"{call.method} /{call.path} {reason}, so keys with a quota or budget cannot call "
-            "it. Ask the relay's operator."
+            "%(method)s /%(path)s spends upstream money the relay cannot measure, so keys "
+            "with a quota or budget cannot call it. Ask the relay's operator.",
+            method=call.method,
+            path=call.path,
+        )
+    unit = unit_of(call.path) if billing == "units" else None
+    if unit and prices.unit_price(models, unit, variant_of(call.json)) is None:
+        raise EndpointNotAllowed(
+            "%(method)s /%(path)s has no price per %(unit)s for %(model)s (RELAY_PRICES), so "
+            "keys with a quota or budget cannot call it. Ask the relay's operator.",
+            method=call.method,
+            path=call.path,
+            unit=UNIT_WORDS[unit],
+            model=model,
+        )
+    if billing == "tokens" and key.budget is not None and prices.token_rates(*models) is None:
+        raise EndpointNotAllowed(
+            "%(method)s /%(path)s has no token price for %(model)s (RELAY_PRICES), so keys "
+            "with a quota or budget cannot call it. Ask the relay's operator.",
+            method=call.method,
+            path=call.path,
+            model=model,
         )
 
 
-def refusal_message(refusal: Refusal) -> str:
+def quota_refusal(refusal: Refusal) -> QuotaExceeded:
     """Why a call was refused for its quota, with the numbers the key holder needs."""
     if refusal.what == "budget":
-        return (
-            f"This key's budget is spent: {refusal.used:.4f} of {refusal.limit:.4f} used, "
-            f"{refusal.held:.4f} held by calls in flight, and this call needs at least "
-            f"{refusal.needed:.4f}. Ask the relay's operator for a top-up."
+        return QuotaExceeded(
+            "This key's budget is spent: %(used).4f of %(limit).4f used, %(held).4f held by "
+            "calls in flight, and this call needs at least %(needed).4f. Ask the relay's "
+            "operator for a top-up.",
+            used=refusal.used,
+            limit=refusal.limit,
+            held=refusal.held,
+            needed=refusal.needed,
         )
-    left = max(int(refusal.limit - refusal.used - refusal.held), 0)
-    return (
-        f"This key's token quota is used up: {int(refusal.used)} of {int(refusal.limit)} "
-        f"tokens used and {int(refusal.held)} held by calls in flight leave {left}; this call "
-        f"needs at least {int(refusal.needed)} (its prompt, and max_tokens when it sets one). "
-        "Send a lower max_tokens, or ask the relay's operator for a top-up."
+    return QuotaExceeded(
+        "This key's token quota is used up: %(used)d of %(limit)d tokens used and %(held)d "
+        "held by calls in flight leave %(left)d; this call needs at least %(needed)d (its "
+        "prompt, and max_tokens when it sets one). Send a lower max_tokens, or ask the "
+        "relay's operator for a top-up.",
+        used=int(refusal.used),
+        limit=int(refusal.limit),
+        held=int(refusal.held),
+        left=max(int(refusal.limit - refusal.used - refusal.held), 0),
+        needed=int(refusal.needed),
     )
 
 

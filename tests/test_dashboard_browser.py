@@ -1,5 +1,8 @@
 """End to end in headless Chromium: sign in, create a key, call with it, see it on the pages."""
 
+# The Chinese pages are checked as shown, full-width punctuation and all.
+# ruff: noqa: RUF001
+
 import os
 import re
 
@@ -129,4 +132,59 @@ def test_dashboard_end_to_end(relay_server, browser):
     assert key not in nojs.content() and key not in nojs.url
     nojs.screenshot(path=os.path.join(ARTIFACTS, "keyholder.png"), full_page=True)
     plain.close()
+    context.close()
+
+
+def test_a_chinese_browser_gets_chinese_pages_and_the_switch_brings_english(relay_server, browser):
+    server = relay_server(workers=1, RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
+    base = server.base_url
+    problems = []
+    # A browser set to Chinese, with JavaScript off: the switch is two plain links.
+    context = browser.new_context(
+        locale="zh-CN", java_script_enabled=False, viewport={"width": 1440, "height": 1000}
+    )
+    page = context.new_page()
+    watch(page, problems)
+
+    sign_in(page, base)
+    assert page.get_attribute("html", "lang") == "zh-CN"
+    assert page.inner_text("header .where") == "管理后台"
+    assert page.inner_text("#keys h2") == "密钥"
+    page.fill("#create-key input[name=name]", "中文密钥")
+    page.fill("#create-key input[name=quota]", "1234567")
+    page.click("#create-key button[type=submit]")
+    assert page.inner_text("h1") == "密钥“中文密钥”已创建"
+    key = page.inner_text("#new-key").strip()
+    SECRETS_SEEN.add(key)
+    assert "1,234,567 个 token" in page.inner_text("dl.facts")
+    reply = requests.post(
+        base + "/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "你好"}]},
+        headers=auth(key),
+        timeout=10,
+    )
+    assert reply.status_code == 200
+
+    page.click("text=返回管理后台")
+    page.wait_for_url(base + "/admin")
+    assert "最近的调用" in page.inner_text("#calls h2")
+    assert "每日 token 用量（按密钥）" in page.locator("#chart-key-tokens svg").text_content()
+    row = page.locator("#recent-calls tbody tr").first.inner_text()
+    assert "中文密钥" in row and "gpt-4o" in row and str(CALL_TOKENS) in row
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-zh.png"), full_page=True)
+
+    # The switch: English from now on, whatever the browser asks for, on every page.
+    page.click("#languages a[hreflang=en]")
+    page.wait_for_url(base + "/admin")
+    assert page.get_attribute("html", "lang") == "en"
+    assert "Recent calls" in page.inner_text("#calls h2")
+    cookie = next(c for c in context.cookies() if c["name"] == "relay_language")
+    assert cookie["value"] == "en" and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    page.goto(base + "/")
+    assert page.inner_text("h1") == "Check your key"
+    page.click("#languages a[hreflang=zh]")
+    page.wait_for_url(base + "/usage")
+    assert page.inner_text("h1") == "查询密钥"
+    assert problems == []
     context.close()

@@ -12,6 +12,7 @@ PACKAGE = ROOT / "relay"
 RANKS = {
     "relay.config": 0,
     "relay.errors": 0,
+    "relay.i18n": 0,
     "relay.call": 0,
     "relay.tokens": 0,
     "relay.metering": 0,

@@ -393,6 +393,8 @@ def test_php_bad_key_gets_envelope(legacy, fake):
     assert body["msg"]
     assert body["error"]["code"] == "invalid_api_key"
     assert body["error"]["message"].startswith("Incorrect API key provided")
+    # PHP's json_decode hands the old client's users msg in Chinese, the old service's language.
+    assert body["msg"] == "密钥传的不对：请向中转服务的管理员索取有效的密钥。"
     assert wrong not in out
     assert fake.requests == []
 
@@ -403,11 +405,22 @@ def test_php_bad_key_gets_envelope(legacy, fake):
 def test_failures_before_forwarding(legacy, fake):
     server, key = legacy
     body = assert_failure(chat(server, "sk-not-a-relay-key", DOCS_ASKS), 401, "invalid_api_key")
-    assert body["msg"].startswith("Incorrect API key provided")
-    assert_failure(chat(server, key, []), 400, "invalid_request")
-    assert_failure(chat(server, key, [{"role": "user", "content": ""}]), 400, "invalid_request")
+    # error.message stays OpenAI's English (clients match it); msg is for the old client's
+    # users, in the old service's language by default (RELAY_LEGACY_LANGUAGE=zh).
+    assert body["error"]["message"].startswith("Incorrect API key provided")
+    assert body["msg"].startswith("密钥传的不对")
+    empty = assert_failure(chat(server, key, []), 400, "invalid_request")
+    assert empty["msg"].startswith("对话信息没传或者传的不对")
+    blank = assert_failure(
+        chat(server, key, [{"role": "user", "content": ""}]), 400, "invalid_request"
+    )
+    assert blank["msg"] == "messages[0] 的 content（对话内容）不能为空。"
     too_long = assert_failure(chat(server, key, [chars("user", 2001)]), 400, "invalid_request")
-    assert "2000" in too_long["msg"] and "last message" in too_long["msg"].lower()
+    assert "2000" in too_long["error"]["message"] and "last message" in too_long["error"]["message"]
+    assert too_long["msg"] == (
+        "最后一个 message 的 content 长度（即此轮对话的问题）不能超过 2000 个字符，"
+        "当前为 2001 个字符。"
+    )
     form = {
         "api_secret_key": key,
         "messages[0][role]": "user",
@@ -433,6 +446,26 @@ def test_failures_before_forwarding(legacy, fake):
     assert fake.requests == []
 
 
+def test_legacy_language_en_gives_english_msg_and_leaves_the_pages_alone(relay_server, fake):
+    server, key = start(relay_server, RELAY_LEGACY_LANGUAGE="en")
+    # An API client's Accept-Language changes nothing: msg follows the setting only.
+    zh = {"Accept-Language": "zh-CN,zh;q=0.9"}
+    params = {"api_secret_key": "sk-not-a-relay-key", "messages": DOCS_ASKS}
+    bad = assert_failure(post_json(url_for(server, "chat/completions"), params, **zh), 401)
+    assert bad["msg"] == bad["error"]["message"]
+    assert bad["msg"].startswith("Incorrect API key provided")
+    too_long = assert_failure(chat(server, key, [chars("user", 2001)]), 400, "invalid_request")
+    assert too_long["msg"] == too_long["error"]["message"]
+    assert "2000" in too_long["msg"] and "last message" in too_long["msg"]
+    error = {"message": "Unsupported model.", "type": "x", "param": None, "code": "m"}
+    fake.queue(json_reply({"error": error}, status=404))
+    assert assert_failure(chat(server, key, DOCS_ASKS), 404, "m")["msg"] == "Unsupported model."
+    assert_success(chat(server, key, DOCS_ASKS))
+    # The pages are the browser's business: a Chinese browser still gets a Chinese page.
+    page = requests.get(server.base_url + "/", headers=zh, timeout=15)
+    assert '<html lang="zh-CN">' in page.text and "查询密钥" in page.text
+
+
 def test_upstream_4xx_error_keeps_its_message(legacy, fake):
     server, key = legacy
     error = {
@@ -443,7 +476,7 @@ def test_upstream_4xx_error_keeps_its_message(legacy, fake):
     }
     fake.queue(json_reply({"error": error}, status=400))
     body = assert_failure(chat(server, key, DOCS_ASKS), 400, "context_length_exceeded")
-    assert body["msg"] == error["message"]
+    assert body["msg"] == f"上游服务返回错误（HTTP 400）：{error['message']}"
     assert body["error"] == error
 
 
@@ -452,7 +485,7 @@ def test_upstream_5xx_is_a_502_with_envelope(legacy, fake):
     error = {"message": "The server had an error.", "type": "server_error", "param": None}
     fake.queue(json_reply({"error": {**error, "code": None}}, status=500))
     body = assert_failure(chat(server, key, DOCS_ASKS), 502, "upstream_error")
-    assert "500" in body["msg"]
+    assert "500" in body["msg"] and body["msg"].startswith("上游服务出错：")
     assert len(fake.requests) == 1
 
 

@@ -155,11 +155,18 @@ def test_long_and_odd_user_ids(legacy, fake):
     assert fake.requests[-1].json["user"] == long_id  # forwarded whole; the upstream decides
     [row] = usage_rows(server, 1)
     assert row["end_user"] == long_id[:64]  # the record keeps 64 characters
-    for odd, shown in ((1e20, "1e+20"), (True, "true"), (12.5, "12.5"), (["a"], "an array")):
+    for odd, shown, said in (
+        (1e20, "1e+20", "1e+20"),
+        (True, "true", "true"),
+        (12.5, "12.5", "12.5"),
+        (["a"], "an array", "数组"),
+    ):
         reply = post_json(url, {"api_secret_key": key, "user": odd, "messages": DOCS_ASKS})
         body = assert_failure(reply, 400, "invalid_request")
         assert body["error"]["param"] == "user"
-        assert "whole number" in body["msg"] and shown in body["msg"]
+        message = body["error"]["message"]
+        assert "whole number" in message and message.endswith(f"not {shown}.")
+        assert "必须是字符串或整数" in body["msg"] and body["msg"].endswith(f"不能是 {said}。")
     assert len(fake.requests) == 1
 
 
@@ -187,7 +194,7 @@ def test_own_paths_refuse_other_methods_and_forward_nothing(legacy, fake):
         assert body["error"]["code"] == "method_not_allowed"
         assert f"Method {method} is not allowed on {path}; use GET" in body["error"]["message"]
         if legacy_face:
-            assert (body["code"], body["msg"]) == (405, body["error"]["message"])
+            assert body["code"] == 405 and f"{path} 不支持 {method} 请求，请使用 GET" in body["msg"]
         else:
             assert set(body) == {"error"}
     assert fake.requests == []  # nothing reached the upstream with the operator's key
@@ -216,10 +223,12 @@ def test_base_url_typos_name_the_right_base_url(legacy, fake):
         status, _, body = curl(f"{command} -d {data} | iconv -f utf-8 -t utf-8")
         assert status == 404
         assert body["code"] == 404 and body["error"]["code"] == "not_found"
-        assert body["msg"] == body["error"]["message"]
-        assert f"Did you mean {meant}?" in body["msg"]
+        assert f"Did you mean {meant}?" in body["error"]["message"]
         root = "/index.php/" if typo.startswith("/index.php") else "/api/"
-        assert f"base URL is http://<relay>{root}" in body["msg"]
+        assert f"base URL is http://<relay>{root}" in body["error"]["message"]
+        # msg says the same to the old client's users in Chinese (RELAY_LEGACY_LANGUAGE=zh)
+        assert body["msg"].startswith(f"接口地址 {typo} 不存在。旧版接口的 base_url 是")
+        assert f"http://<relay>{root}" in body["msg"] and body["msg"].endswith(f"{meant}？")
     status, _, body = curl(f"curl -sS -i {server.base_url}/index.php")
     assert (status, body["code"]) == (404, 404)
     assert fake.requests == []

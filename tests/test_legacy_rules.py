@@ -132,7 +132,8 @@ def test_broken_json_under_the_json_header_stays_a_400(client, key, fake):
         "/api/v1/images/generations", data=broken, headers={"Content-Type": "application/json"}
     )
     assert reply.status_code == 400
-    assert "not valid JSON" in reply.get_json()["msg"]
+    assert "not valid JSON" in reply.get_json()["error"]["message"]
+    assert reply.get_json()["msg"].startswith("请求体不是合法的 JSON：")  # noqa: RUF001
     assert fake.requests == []
 
 
@@ -166,9 +167,9 @@ def test_completions_default_model_is_a_setting(settings, fake):
     ],
 )
 def test_not_found_hint_names_the_base_url(path, meant):
-    face = LegacyFace("gpt-3.5", "gpt-3.5-turbo-instruct", 2000)
+    face = LegacyFace("gpt-3.5", "gpt-3.5-turbo-instruct", 2000, "en")
     assert face.owns(path)
-    hint = face.explain_not_found(path)
+    hint = face.explain_not_found(path).english()
     root = "/index.php/" if path.startswith("/index.php") else "/api/"
     assert f"base URL is http://<relay>{root} " in hint
     if meant is None:
@@ -176,7 +177,7 @@ def test_not_found_hint_names_the_base_url(path, meant):
     else:
         assert hint.endswith(f"Did you mean {meant}?")
     for other in ("/v1/chat/completions", "/apix/v1/x", "/index.phpx", "/"):
-        assert not face.owns(other) and face.explain_not_found(other) == ""
+        assert not face.owns(other) and face.explain_not_found(other) is None
 
 
 def msg(role, size):
@@ -331,5 +332,6 @@ def test_the_form_bomb_is_cheap_and_deep_multipart_names_a_400(client, fake):
         data=deep.encode(),
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
-    assert reply.status_code == 400 and "nested" in reply.get_json()["msg"]
+    assert reply.status_code == 400 and "nested" in reply.get_json()["error"]["message"]
+    assert "最多嵌套 32 层" in reply.get_json()["msg"]
     assert fake.requests == []

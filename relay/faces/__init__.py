@@ -13,13 +13,17 @@ from relay.face import Face
 from relay.faces.legacy import LegacyFace
 from relay.faces.openai import OpenAIFace
 from relay.faces.routes import make_blueprint
+from relay.i18n import Text
 from relay.limits import Limits
 
 
 def build_faces(config: dict[str, Any]) -> list[Face]:
     """The faces this relay serves, the legacy one with its configured rules."""
     legacy = LegacyFace(
-        config["DEFAULT_MODEL"], config["DEFAULT_COMPLETION_MODEL"], config["LEGACY_MAX_CHARS"]
+        config["DEFAULT_MODEL"],
+        config["DEFAULT_COMPLETION_MODEL"],
+        config["LEGACY_MAX_CHARS"],
+        config["LEGACY_LANGUAGE"],
     )
     return [OpenAIFace(), legacy]
 
@@ -33,14 +37,11 @@ def init_app(app: Flask, faces: list[Face], limits: Limits) -> None:
 def error_shaper(faces: list[Face]) -> ErrorShaper:
     """The error-body shaper for errors.init_app: the shape of the face a URL belongs to."""
 
-    def shape(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    def shape(path: str, status: int, body: dict[str, Any], text: Text) -> dict[str, Any]:
         """Wrap an error body as the face owning a URL path does."""
         for face in faces:
             if face.owns(path):
-                hint = face.explain_not_found(path) if status == 404 else ""
-                if hint:
-                    body["error"]["message"] += " " + hint
-                return face.shape_error(status, body)
+                return face.shape_error(path, status, body, text)
         return body
 
     return shape

@@ -74,7 +74,9 @@ def _parse_day(args: Mapping[str, str], name: str, default: dt.date) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise InvalidRequest(f"{name} must be a date like 2026-01-31.", param=name) from None
+        raise InvalidRequest(
+            "%(name)s must be a date like 2026-01-31.", param=name, name=name
+        ) from None
 
 
 def usage(store: Store, record: KeyRecord, args: Mapping[str, str]) -> dict[str, Any]:
@@ -88,7 +90,9 @@ def usage(store: Store, record: KeyRecord, args: Mapping[str, str]) -> dict[str,
     except (OverflowError, ValueError):  # dates near year 1 or 9999
         raise InvalidRequest("start_date and end_date are out of range.") from None
     if not start < end or (end - start).days > MAX_USAGE_DAYS:
-        raise InvalidRequest(f"start_date must be before end_date, at most {MAX_USAGE_DAYS} days.")
+        raise InvalidRequest(
+            "start_date must be before end_date, at most %(days)d days.", days=MAX_USAGE_DAYS
+        )
     money = record.budget is not None
     days: dict[int, list[dict[str, Any]]] = {}
     total = 0.0

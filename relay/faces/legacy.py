@@ -7,6 +7,8 @@ from relay.call import Call
 from relay.face import Face
 from relay.faces.legacy_body import multipart_has_files, parse_legacy_body
 from relay.faces.legacy_chat import check_messages, trim_history
+from relay.faces.legacy_msg import LegacyMessages
+from relay.i18n import Text
 from relay.tokens import GENERATION_PATHS, legacy_estimate_tokens, prompt_text, reply_text
 from relay.upstream import Relayed
 
@@ -31,10 +33,13 @@ class LegacyFace(Face):
     name = "legacy"
     prefixes = ("/index.php/api/v1", "/api/v1")
 
-    def __init__(self, default_model: str, default_completion_model: str, max_chars: int) -> None:
+    def __init__(
+        self, default_model: str, default_completion_model: str, max_chars: int, language: str
+    ) -> None:
         self.default_model = default_model  # RELAY_DEFAULT_MODEL, for chat
         self.default_completion_model = default_completion_model  # RELAY_DEFAULT_COMPLETION_MODEL
         self.max_chars = max_chars  # RELAY_LEGACY_MAX_CHARS
+        self.messages = LegacyMessages(language)  # RELAY_LEGACY_LANGUAGE
 
     def parse_body(
         self, raw: bytes, method: str, path: str, content_type: str | None
@@ -75,7 +80,10 @@ class LegacyFace(Face):
         error = parsed.get("error")
         if call.status and call.status >= 400 and error is not None:
             message = error.get("message") if isinstance(error, dict) else str(error)
-            wrapped = {"code": call.status, "msg": message or "Upstream error.", "error": error}
+            said = self.messages.upstream(
+                call.status, message if isinstance(message, str) else None
+            )
+            wrapped = {"code": call.status, "msg": said, "error": error}
         else:
             if call.usage.source == "estimated" and not isinstance(parsed.get("usage"), dict):
                 parsed["usage"] = shown_usage(call.json, parsed)
@@ -86,27 +94,44 @@ class LegacyFace(Face):
         """Success: `"code": 0, "msg": ""` first, then the OpenAI fields."""
         return {"code": 0, "msg": "", **payload}
 
-    def shape_error(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Failure: the HTTP status as `code`, the message as `msg`, and the OpenAI error."""
-        return {"code": status, "msg": body["error"]["message"], **body}
+    def shape_error(
+        self, url_path: str, status: int, body: dict[str, Any], text: Text
+    ) -> dict[str, Any]:
+        """Failure: the HTTP status as `code`, the message as `msg` (in RELAY_LEGACY_LANGUAGE),
+        and the OpenAI error; a 404 names the base URL the client meant."""
+        hint = self.explain_not_found(url_path) if status == 404 else None
+        if hint is not None:
+            body["error"]["message"] += " " + hint.english()
+            text = Text("%(message)s %(hint)s", {"message": text, "hint": hint})
+        msg = self.messages.error(text, body["error"]["code"], status)
+        return {"code": status, "msg": msg, **body}
 
     def owns(self, url_path: str) -> bool:
         """Everything under the prefixes' roots (/index.php, /api): old clients read code/msg."""
         return self._root_of(url_path) is not None
 
-    def explain_not_found(self, url_path: str) -> str:
+    def explain_not_found(self, url_path: str) -> Text | None:
         """Name the base URL and the path a client that got its base URL wrong meant."""
         prefix = self._root_of(url_path)
         if prefix is None:
-            return ""
+            return None
         root = _root(prefix)
         # Drop what the client wrote of the prefix itself (index.php/, api/, v1/), keep the rest.
         words = {word for p in self.prefixes for word in p.split("/") if word}
         rest = [part for part in url_path[len(root) :].split("/") if part]
         while rest and rest[0] in words:
             rest.pop(0)
-        meant = f" Did you mean {prefix}/{'/'.join(rest)}?" if rest else ""
-        return f"The legacy API's base URL is http://<relay>{root}/ (calls go to {prefix}/).{meant}"
+        meant = f"{prefix}/{'/'.join(rest)}"
+        if not rest:
+            return Text(
+                "The legacy API's base URL is http://<relay>%(root)s/ (calls go to %(prefix)s/).",
+                {"root": root, "prefix": prefix},
+            )
+        return Text(
+            "The legacy API's base URL is http://<relay>%(root)s/ (calls go to %(prefix)s/). "
+            "Did you mean %(meant)s?",
+            {"root": root, "prefix": prefix, "meant": meant},
+        )
 
     def _root_of(self, url_path: str) -> str | None:
         """The prefix whose root (its first path segment) a URL is under, or None."""

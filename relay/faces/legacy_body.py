@@ -11,6 +11,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from relay.errors import InvalidRequest
 from relay.faces.request_body import decode_utf8, parse_json_object
+from relay.i18n import Text
 
 FLOAT_FIELDS = {"temperature", "top_p", "frequency_penalty", "presence_penalty"}
 INT_FIELDS = {"max_tokens", "max_completion_tokens", "n", "best_of", "seed", "top_logprobs"}
@@ -79,7 +80,7 @@ def urlencoded_fields(raw: bytes) -> list[tuple[str, str]]:
     except UnicodeDecodeError:
         raise InvalidRequest("Form body is not valid UTF-8 once percent-decoded.") from None
     except ValueError as exc:
-        raise InvalidRequest(f"Form body is malformed: {exc}.") from None
+        raise InvalidRequest("Form body is malformed: %(reason)s.", reason=exc) from None
     return pairs
 
 
@@ -104,11 +105,11 @@ def multipart_fields(raw: bytes, boundary: str | None) -> tuple[list[tuple[str, 
             elif isinstance(event, Data):
                 parts.append(event.data)
                 if not event.more_data and not is_file:
-                    pairs.append((name, decode_utf8(b"".join(parts), f"Form field {name!r}")))
+                    pairs.append((name, decode_utf8(b"".join(parts), field=name)))
             if len(pairs) > MAX_FIELDS:
                 raise InvalidRequest("Too many form fields.")
     except ValueError as exc:
-        raise InvalidRequest(f"multipart body is malformed: {exc}.") from None
+        raise InvalidRequest("multipart body is malformed: %(reason)s.", reason=exc) from None
     return pairs, files > 0
 
 
@@ -136,7 +137,9 @@ def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
         path = [head, *BRACKETS.findall(name[len(head) :])] if "[" in name else [name]
         if len(path) > MAX_DEPTH:
             raise InvalidRequest(
-                f"Form field names may be nested {MAX_DEPTH} levels deep at most.", param=head
+                "Form field names may be nested %(depth)d levels deep at most.",
+                param=head,
+                depth=MAX_DEPTH,
             )
         node = root
         for depth, part in enumerate(path):
@@ -194,13 +197,15 @@ def end_user_id(value: Any) -> str | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    shown: object
     if isinstance(value, bool | float):
         shown = json.dumps(value)
     else:
-        shown = "an array" if isinstance(value, list) else "an object"
+        shown = Text("an array") if isinstance(value, list) else Text("an object")
     raise InvalidRequest(
-        f"The user field must be a string or a whole number (an end-user id), not {shown}.",
+        "The user field must be a string or a whole number (an end-user id), not %(shown)s.",
         param="user",
+        shown=shown,
     )
 
 
@@ -211,7 +216,7 @@ def _typed(name: str, value: Any) -> Any:
             return bool(value)
         return value
     if not isinstance(value, str):
-        raise InvalidRequest(f"The {name} field must be a single value.", param=name)
+        raise InvalidRequest("The %(name)s field must be a single value.", param=name, name=name)
     text = value.strip().lower()
     try:
         if name in BOOL_FIELDS:
@@ -227,7 +232,16 @@ def _typed(name: str, value: Any) -> Any:
             raise ValueError(text)
         return number
     except ValueError:
-        kind = "true or false" if name in BOOL_FIELDS else "a number"
+        if name in BOOL_FIELDS:
+            raise InvalidRequest(
+                "The %(name)s field must be true or false, not %(value)r.",
+                param=name,
+                name=name,
+                value=value,
+            ) from None
         raise InvalidRequest(
-            f"The {name} field must be {kind}, not {value!r}.", param=name
+            "The %(name)s field must be a number, not %(value)r.",
+            param=name,
+            name=name,
+            value=value,
         ) from None

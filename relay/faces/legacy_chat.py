@@ -27,14 +27,17 @@ def check_messages(messages: object) -> None:
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(
-                f"messages[{number}] must be an object with a role and a content.",
+                "messages[%(number)d] must be an object with a role and a content.",
                 param="messages",
+                number=number,
             )
         content = message.get("content")
         if content is None and message.get("tool_calls"):
             continue  # an assistant turn that only calls tools
         if content_length(content) == 0 and not (isinstance(content, list) and content):
-            raise InvalidRequest(f"messages[{number}].content must not be empty.", param="messages")
+            raise InvalidRequest(
+                "messages[%(number)d].content must not be empty.", param="messages", number=number
+            )
 
 
 def trim_history(messages: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -49,8 +52,10 @@ def trim_history(messages: list[dict[str, Any]], limit: int) -> tuple[list[dict[
     last = content_length(messages[-1].get("content"))
     if last > limit:
         raise InvalidRequest(
-            f"The last message is {last} characters long; at most {limit} are allowed.",
+            "The last message is %(last)d characters long; at most %(limit)d are allowed.",
             param="messages",
+            last=last,
+            limit=limit,
         )
     kept = list(messages)
     total = sum(content_length(m.get("content")) for m in kept)

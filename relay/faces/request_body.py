@@ -47,7 +47,8 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
 def _too_large(max_bytes: int) -> RequestTooLarge:
     """The 413 error for a body over the limit."""
     return RequestTooLarge(
-        f"Request body is larger than the relay accepts ({max_bytes} bytes, RELAY_MAX_BODY_BYTES)."
+        "Request body is larger than the relay accepts (%(limit)d bytes, RELAY_MAX_BODY_BYTES).",
+        limit=max_bytes,
     )
 
 
@@ -80,12 +81,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-def decode_utf8(raw: bytes, what: str = "Request body") -> str:
-    """Decode bytes as strict UTF-8 (a leading BOM is tolerated), else a 400."""
+def decode_utf8(raw: bytes, field: str | None = None) -> str:
+    """Decode bytes as strict UTF-8 (a leading BOM is tolerated), else a 400 naming the body
+    or the form field they came from."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"{what} is not valid UTF-8 (byte {exc.start}).") from None
+        if field is not None:
+            raise InvalidRequest(
+                "Form field %(field)r is not valid UTF-8 (byte %(byte)d).",
+                field=field,
+                byte=exc.start,
+            ) from None
+        raise InvalidRequest(
+            "Request body is not valid UTF-8 (byte %(byte)d).", byte=exc.start
+        ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -104,10 +114,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except RecursionError:
         raise InvalidRequest("Request body is nested too deeply.") from None
     except ValueError as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
+        raise InvalidRequest("Request body is not valid JSON: %(reason)s.", reason=exc) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
-            f"Request body must be a JSON object, not a JSON {type(value).__name__}."
+            "Request body must be a JSON object, not a JSON %(kind)s.", kind=type(value).__name__
         )
     return value
 

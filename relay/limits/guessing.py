@@ -57,7 +57,8 @@ class GuessGuard:
         wait = max(1, math.ceil(until - time.time()))
         return RateLimited(
             "Too many failed keys or tokens from this address; it is blocked for "
-            f"{wait} more seconds.",
+            "%(wait)d more seconds.",
+            wait=wait,
             headers={
                 "Retry-After": str(wait),
                 "X-RateLimit-Limit": str(self.per_minute),

@@ -40,15 +40,17 @@ class KeyLimits:
             if not self.tokens.test(item, "relay", "tpm", key.limit_id):
                 reset_at, _ = self.tokens.get_window_stats(item, "relay", "tpm", key.limit_id)
                 raise RateLimited(
-                    f"Token rate limit reached for this key: {tpm} tokens per minute.",
+                    "Token rate limit reached for this key: %(tpm)d tokens per minute.",
                     headers=retry_headers(tpm, reset_at),
+                    tpm=tpm,
                 )
         cap = self._max_concurrent(key)
         if cap:
             lease = self.leases.acquire(key.limit_id, cap)
             if lease is None:
                 raise RateLimited(
-                    f"This key already has {cap} calls in flight, its limit; retry when one ends.",
+                    "This key already has %(cap)d calls in flight, its limit; retry when one ends.",
+                    cap=cap,
                     headers={
                         "Retry-After": "1",
                         "X-RateLimit-Limit": str(cap),

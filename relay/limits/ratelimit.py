@@ -54,8 +54,7 @@ def per_key_rpm(limiter: Limiter) -> Callable[[Callable[..., Any]], Callable[...
         scope=KEY_RPM_SCOPE,
         key_func=_key_scope,
         exempt_when=_no_key_rpm,
-        error_message=lambda: f"Rate limit reached for this key: {_rpm_value()} requests/minute.",
-    )
+    )  # its 429 is worded by errors.handle_http_exception
 
 
 def drop_stray_retry_after(response: Response) -> Response:

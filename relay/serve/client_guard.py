@@ -14,6 +14,7 @@ from gunicorn.http import errors as http_errors
 
 from relay.config import DEFAULTS
 from relay.errors import SHAPER, ErrorShaper, InvalidRequest, RelayError, RequestTimeout, error_body
+from relay.i18n import Text
 from relay.serve.refusals import HeadTimeout, Refusal
 
 
@@ -81,7 +82,10 @@ class GuardedBody:
             if exc is not timer:
                 raise
             raise self._fail(
-                RequestTimeout(f"The request body did not arrive within {self._timeout:g} seconds.")
+                RequestTimeout(
+                    "The request body did not arrive within %(seconds)g seconds.",
+                    seconds=self._timeout,
+                )
             ) from None
         except http_errors.NoMoreData:
             raise self._fail(
@@ -125,7 +129,7 @@ class ClientGuard:
         """The whole HTTP reply to a refused request, in the shape of its face when known."""
         body = error_body(refusal.message, refusal.type, refusal.code)
         if path is not None and self.shape is not None:
-            body = self.shape(path, refusal.status, body)
+            body = self.shape(path, refusal.status, body, Text(refusal.message))
         data = json.dumps(body, ensure_ascii=False).encode()
         head = (
             f"HTTP/1.1 {refusal.status} {refusal.reason}\r\n"

@@ -1,7 +1,7 @@
 """What gunicorn refuses before the app runs, as the relay words it: status, type, code, message.
 
-Plain Python and gunicorn only (no Flask): the worker module that uses it is imported by
-gunicorn's master too.
+Plain Python, gunicorn and Babel only (no Flask): the worker module that uses it is imported
+by gunicorn's master too.
 """
 
 import ssl
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from gunicorn.http import errors as http_errors
+
+from relay.i18n import N_
 
 
 class HeadTimeout(Exception):
@@ -45,10 +47,12 @@ BODY_ERRORS: tuple[type[Exception], ...] = (
 )
 # Headers that framing and routing depend on, named in messages (never the client's bytes).
 FRAMING_HEADERS = {
-    "CONTENT-LENGTH": "Content-Length must be one non-negative number, without Transfer-Encoding.",
-    "TRANSFER-ENCODING": "Transfer-Encoding must be chunked, once, last, and on HTTP/1.1.",
-    "HOST": "The request must carry exactly one Host header.",
-    "CONTENT-TYPE": "The request must carry at most one Content-Type header.",
+    "CONTENT-LENGTH": N_(
+        "Content-Length must be one non-negative number, without Transfer-Encoding."
+    ),
+    "TRANSFER-ENCODING": N_("Transfer-Encoding must be chunked, once, last, and on HTTP/1.1."),
+    "HOST": N_("The request must carry exactly one Host header."),
+    "CONTENT-TYPE": N_("The request must carry at most one Content-Type header."),
 }
 BAD_REQUEST = "invalid_request"
 # The status is the one gunicorn chose; codes other than invalid_request are werkzeug's

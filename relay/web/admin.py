@@ -16,14 +16,17 @@ from flask import (
     session,
     url_for,
 )
+from flask_babel import gettext
 from werkzeug.wrappers import Response
 
 from relay.auth import check_admin_token, verify
 from relay.errors import AdminAuthRequired, RateLimited
+from relay.i18n import N_, Text
 from relay.limits import check_blocked
 from relay.state import state
-from relay.store.keys import KeyStore, utc_minute
+from relay.store.keys import KeyStore
 from relay.web import charts, csrf
+from relay.web.language import number, say
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 SESSION_SECONDS = 12 * 3600  # sessions also end on their own after this
@@ -75,15 +78,17 @@ def guard() -> Page | Response | None:
     try:
         check_blocked()  # a guesser's address waits, before its form is even read
     except RateLimited as err:
-        return page("admin_login.html", 429, err.headers, error=err.message)
+        return page("admin_login.html", 429, err.headers, error=say(err.text))
     if request.method == "POST" and not csrf.valid():
-        message = "The form was not sent from this dashboard, or it expired. Reload and try again."
-        return page("message.html", 400, title="Form refused", message=message)
+        message = gettext(
+            "The form was not sent from this dashboard, or it expired. Reload and try again."
+        )
+        return page("message.html", 400, title=gettext("Form refused"), message=message)
     if request.endpoint == "admin.login" or signed_in():
         return None
     if request.method == "GET":
         return redirect(url_for("admin.login"))
-    return page("admin_login.html", 401, error="Sign in first.")
+    return page("admin_login.html", 401, error=gettext("Sign in first."))
 
 
 bp.after_request(csrf.secure_headers)
@@ -99,9 +104,9 @@ def login() -> Page | Response:
     try:
         verify(lambda: check_admin_token(sent, token, "That is not the admin token."))
     except RateLimited as err:
-        return page("admin_login.html", 429, err.headers, error=err.message)
+        return page("admin_login.html", 429, err.headers, error=say(err.text))
     except AdminAuthRequired as err:
-        return page("admin_login.html", 401, error=err.message)
+        return page("admin_login.html", 401, error=say(err.text))
     session.clear()
     session["sid"] = state().store.sessions.start(_fingerprint(token), SESSION_SECONDS)
     csrf.renew()
@@ -148,7 +153,8 @@ def create_key() -> Page | Response:
     try:
         plaintext, record = state().store.keys.create(form.get("name", ""), **settings)
     except ValueError as exc:
-        flash(f"No key created: {exc}", "error")
+        # The store's reason is its own English (the CLI says the same): quoted as it is.
+        flash(gettext("No key created: %(reason)s", reason=str(exc)), "error")
         return redirect(url_for("admin.dashboard"))
     return page("admin_key_created.html", key=plaintext, record=record)
 
@@ -156,13 +162,13 @@ def create_key() -> Page | Response:
 @bp.post("/keys/enable")
 def enable_key() -> Response:
     """Enable a key by name."""
-    return _change(lambda keys, name: keys.set_enabled(name, True), "enabled")
+    return _change(lambda keys, name: keys.set_enabled(name, True), N_("Key %(name)r enabled."))
 
 
 @bp.post("/keys/disable")
 def disable_key() -> Response:
     """Disable a key by name: its next call is refused in every worker."""
-    return _change(lambda keys, name: keys.set_enabled(name, False), "disabled")
+    return _change(lambda keys, name: keys.set_enabled(name, False), N_("Key %(name)r disabled."))
 
 
 @bp.post("/keys/topup")
@@ -170,22 +176,26 @@ def top_up_key() -> Response:
     """Add tokens to a key's quota."""
     tokens = request.form.get("tokens", "").strip()
     if not tokens.isdecimal():
-        flash("A top-up is a whole number of tokens.", "error")
+        flash(gettext("A top-up is a whole number of tokens."), "error")
         return redirect(url_for("admin.dashboard"))
     return _change(
-        lambda keys, name: keys.top_up(name, int(tokens)), f"topped up by {tokens} tokens"
+        lambda keys, name: keys.top_up(name, int(tokens)),
+        N_("Key %(name)r topped up by %(tokens)s tokens."),
+        tokens=number(int(tokens)),
     )
 
 
-def _change(apply: Callable[[KeyStore, str], object], done: str) -> Response:
-    """Apply one change to the key named in the form, then back to the dashboard with a note."""
+def _change(apply: Callable[[KeyStore, str], object], done: str, **values: str) -> Response:
+    """Apply one change to the key named in the form, then back to the dashboard with a note
+    (`done`, an English template, said in the page's language)."""
     name = request.form.get("name", "")
     try:
         apply(state().store.keys, name)
     except (ValueError, LookupError) as exc:
-        flash(f"Key {name!r} not changed: {exc}", "error")
+        # The store's reason is its own English (the CLI says the same): quoted as it is.
+        flash(gettext("Key %(name)r not changed: %(reason)s", name=name, reason=str(exc)), "error")
     else:
-        flash(f"Key {name!r} {done}.", "ok")
+        flash(say(Text(done, {"name": name, **values})), "ok")
     return redirect(url_for("admin.dashboard"))
 
 
@@ -194,6 +204,5 @@ def init_app(app: Flask) -> None:
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     if not app.config.get("SESSION_COOKIE_SAMESITE"):
         app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
-    app.add_template_filter(utc_minute, "when")
     csrf.init_app(app)
     app.register_blueprint(bp)

@@ -1,4 +1,7 @@
-"""Usage per UTC day, by key or by model, drawn as pygal SVG charts rendered on the server."""
+"""Usage per UTC day, by key or by model, drawn as pygal SVG charts rendered on the server.
+
+Titles, axis labels and numbers are in the page's language and locale (web/language.py).
+"""
 
 import datetime as dt
 import math
@@ -7,16 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pygal
+from flask_babel import gettext
 from markupsafe import Markup
 from pygal.style import Style
 
 from relay.store import Store
+from relay.web.language import day, number
 
 DAY = 86400
 EPOCH = dt.date(1970, 1, 1)
 # Past this many series a stacked chart is unreadable: the smallest are summed into one.
 MAX_SERIES = 8
-OTHERS = "(others)"
 STYLE = Style(
     background="transparent",
     plot_background="transparent",
@@ -76,7 +80,8 @@ def _largest(series: dict[str, list[int]]) -> list[tuple[str, list[int]]]:
     if len(ranked) <= MAX_SERIES:
         return ranked
     kept, rest = ranked[: MAX_SERIES - 1], ranked[MAX_SERIES - 1 :]
-    return [*kept, (OTHERS, [sum(values) for values in zip(*(v for _, v in rest), strict=True)])]
+    others = gettext("(others)")
+    return [*kept, (others, [sum(values) for values in zip(*(v for _, v in rest), strict=True)])]
 
 
 def _plain_svg(root: Any) -> Any:
@@ -119,12 +124,12 @@ def bar_chart(title: str, days: list[dt.date], series: dict[str, list[int]], uni
         show_minor_x_labels=False,
         x_labels_major_every=5,
         y_title=unit,
-        no_data_text="No calls in these days",
+        no_data_text=gettext("No calls in these days"),
     )
     chart.add_xml_filter(_plain_svg)  # pygal ignores xml_filters given as a setting
     chart.title = title
-    chart.x_labels = [day.strftime("%m-%d") for day in days]
-    chart.value_formatter = "{:,.0f}".format
+    chart.x_labels = [day(date) for date in days]
+    chart.value_formatter = number
     ranked = _largest(series)
     for name, values in ranked:
         chart.add(name, values)
@@ -135,7 +140,11 @@ def bar_chart(title: str, days: list[dt.date], series: dict[str, list[int]], uni
 
 def usage_charts(usage: DailyUsage, what: str) -> dict[str, Markup]:
     """Tokens and calls per day for one DailyUsage, titled by what the series are."""
+    if what == "key":
+        titles = gettext("Tokens per day, by key"), gettext("Calls per day, by key")
+    else:
+        titles = gettext("Tokens per day, by model"), gettext("Calls per day, by model")
     return {
-        "tokens": bar_chart(f"Tokens per day, by {what}", usage.days, usage.tokens, "tokens"),
-        "calls": bar_chart(f"Calls per day, by {what}", usage.days, usage.calls, "calls"),
+        "tokens": bar_chart(titles[0], usage.days, usage.tokens, gettext("tokens")),
+        "calls": bar_chart(titles[1], usage.days, usage.calls, gettext("calls")),
     }

@@ -20,7 +20,9 @@ def healthz() -> Response:
     try:
         current.store.check_writable(timeout=2.0)
     except StoreError as exc:
-        raise ServiceUnavailable(f"The relay's database does not take writes: {exc}.") from None
+        raise ServiceUnavailable(
+            "The relay's database does not take writes: %(reason)s.", reason=exc
+        ) from None
     return jsonify(status="ok", limits="ok" if current.limits.available() else "degraded")
 
 

@@ -3,6 +3,7 @@
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, render_template, request
+from flask_babel import gettext
 
 from relay.auth import authenticate, verify
 from relay.errors import InvalidApiKey, RateLimited
@@ -10,10 +11,10 @@ from relay.faces.balance import key_summary
 from relay.limits import check_blocked
 from relay.state import state
 from relay.web import charts, csrf
+from relay.web.language import say
 
 bp = Blueprint("keyholder", __name__)
 CHART_DAYS = 30
-TIME_FIELDS = ("created_at", "last_used_at", "expires_at")
 
 
 Page = tuple[str, int, dict[str, str]]
@@ -40,25 +41,23 @@ def lookup() -> Page:
     try:
         check_blocked()  # a guesser's address waits, before its form is even read
     except RateLimited as limited:
-        return page(429, limited.headers, error=limited.message)
+        return page(429, limited.headers, error=say(limited.text))
     key = request.form.get("key", "").strip()
     store = state().store
     try:
         # The page must not become a fast way to guess keys: failures count like bad keys.
         record = verify(lambda: authenticate(store.keys, key or None))
     except RateLimited as limited:
-        return page(429, limited.headers, error=limited.message)
+        return page(429, limited.headers, error=say(limited.text))
     except InvalidApiKey as err:
-        reason = err.message if key else "Paste your relay key into the field first."
+        reason = say(err.text) if key else gettext("Paste your relay key into the field first.")
         return page(401, error=reason)
     config = current_app.config
     summary = key_summary(record, config["DEFAULT_RPM"], config["OPEN_ENDPOINTS"])
-    for field in TIME_FIELDS:
-        if summary[field]:
-            summary[field] = summary[field][:16].replace("T", " ")
     usage = charts.daily_usage(store, "model", CHART_DAYS, key_id=record.id)
     return page(
         summary=summary,
+        record=record,  # its timestamps, for the page's locale
         key_charts=charts.usage_charts(usage, "model"),
         totals={
             "tokens": sum(map(sum, usage.tokens.values())),
