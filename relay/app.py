@@ -22,8 +22,12 @@ from relay.web import admin, health, keyholder, language, metrics
 OPEN_ERRORS: tuple[type[Exception], ...] = (*StoreError, OSError)
 
 
-def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    """Build the Flask app: config, store, limits, upstreams, the two API faces, the web pages."""
+def create_app(test_config: dict[str, Any] | None = None, migrate: bool = True) -> Flask:
+    """Build the Flask app: config, store, limits, upstreams, the two API faces, the web pages.
+
+    migrate=False leaves the store as it is found (the `db` commands: a backup, a check or a
+    dry run must not change it, and a restore replaces it).
+    """
     app = Flask(
         __name__,
         instance_relative_config=True,
@@ -44,7 +48,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limits = Limits(app)  # its hooks run before the faces' (the global limit first)
     app.extensions[EXTENSION] = RelayState(
         app.config,
-        open_store(app.config),
+        open_store(app.config, migrate),
         Upstreams(app.config),
         limits,
         metrics.init_app(app),
@@ -77,10 +81,12 @@ def _no_redirects(app: Flask) -> None:
     app.url_map.converters["path"] = SegmentsConverter
 
 
-def open_store(config: dict[str, Any]) -> Store:
+def open_store(config: dict[str, Any], migrate: bool = True) -> Store:
     """The store, migrated; ConfigError in one sentence when its file cannot be written."""
     pricing = Pricing(config["PRICES"], config["TOKENS_PER_MONEY"])
     store = Store(config["DATABASE"], config["DB_WRITE_TIMEOUT"], pricing, config["SPOOL_FILE"])
+    if not migrate:
+        return store  # opened on first use, as found
     try:
         store.migrate()
         store.recover()  # calls of a worker that died (gunicorn starts this one in its place)

@@ -1,7 +1,7 @@
-"""Operator commands: `flask --app app keys ...`, `usage`, `upstreams check` and `db ...`."""
+"""Operator commands: `flask --app app keys ...`, `usage`, `upstreams check` (and `db ...`,
+in db_commands.py)."""
 
 import csv
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -11,22 +11,15 @@ import click
 from flask import Flask
 from flask.cli import AppGroup, with_appcontext
 
-from relay.config import is_postgres_url
+from relay.serve.db_commands import db_cli
 from relay.state import state
-from relay.store import StoreError
-from relay.store.copy import CopyRefused, copy_store
-from relay.store.db import SQLiteDatabase
 from relay.store.keys import KeyStore, utc_minute
-from relay.store.postgres import PostgresDatabase
 
 # C0 and C1 control characters and DEL.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 keys_cli = AppGroup("keys", help="Create and manage relay keys.")
 upstreams_cli = AppGroup("upstreams", help="Inspect the configured upstreams.")
-# The store's own maintenance: one group, one command per job (copy-to; backups and checks
-# of a SQLite store belong here too).
-db_cli = AppGroup("db", help="Maintain the store's database.")
 
 
 def _keys() -> KeyStore:
@@ -304,49 +297,6 @@ def check_upstreams() -> None:
     for label, answer in results:
         click.echo(f"{label}: {answer}")
     if any(answer != "ok" for _, answer in results):
-        sys.exit(1)
-
-
-@db_cli.command("copy-to")
-@click.argument("url")
-@click.option(
-    "--from",
-    "source_path",
-    help="The SQLite file to copy (default: RELAY_DATABASE, when it is a SQLite file).",
-)
-def copy_to(url: str, source_path: str | None) -> None:
-    """Copy a SQLite store's keys and usage into the empty PostgreSQL database at URL.
-
-    Key ids, hashes and counters come along, and new ids continue past the copied ones.
-    Not copied: calls in flight (refused: stop the relay first) and admin sessions.
-    Prints the counts on both sides; exits 1 when they differ.
-    """
-    if not is_postgres_url(url):
-        _fail("copy-to needs a postgresql://user:password@host:5432/dbname URL.")
-    config = state().config
-    source_path = source_path or config["DATABASE"]
-    if is_postgres_url(source_path):
-        _fail("RELAY_DATABASE is not a SQLite file: name the file to copy with --from PATH.")
-    if not os.path.isfile(source_path):
-        _fail(f"{source_path} is not a file: name the SQLite store to copy with --from PATH.")
-    source = SQLiteDatabase(source_path)
-    target = PostgresDatabase(url, spool_path=config["SPOOL_FILE"])
-    try:
-        source.migrate()  # an older file gains the columns the target has
-        report = copy_store(source, target)
-    except CopyRefused as exc:
-        _fail(str(exc))
-    except StoreError as exc:
-        _fail(f"copy to {target.description} failed, nothing was copied: {exc}")
-    finally:
-        source.close()
-        target.close()
-    click.echo(f"Copied {source.description} to {target.description}.")
-    click.echo(f"keys: {report.keys[0]} in SQLite, {report.keys[1]} in PostgreSQL")
-    click.echo(f"usage rows: {report.usage[0]} in SQLite, {report.usage[1]} in PostgreSQL")
-    click.echo(f"next key id: {report.next_key_id}")
-    if not report.matches:
-        click.echo("The counts differ: do not switch RELAY_DATABASE over yet.", err=True)
         sys.exit(1)
 
 

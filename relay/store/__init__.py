@@ -55,6 +55,10 @@ class Store:
         """Create or upgrade the schema (every worker does it at start; it is idempotent)."""
         self.db.migrate()
 
+    def pending_migrations(self) -> list[str]:
+        """The names of the migrations `migrate` would apply, in order."""
+        return self.db.pending_migrations()
+
     def admit(self, call: Call, need: Need) -> Refusal | None:
         """Reserve a call's likely cost against its key's quota and budget; a Refusal when
         it does not fit (StoreError when the database refuses the write)."""

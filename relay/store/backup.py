@@ -40,7 +40,12 @@ def backup(source: str, target: str) -> Summary:
     if os.path.exists(target):
         raise FileExistsError(f"{target} exists; choose a new file name")
     started = time.monotonic()
-    _copy(source, target)
+    try:
+        _copy(source, target)
+    except BaseException:
+        if os.path.exists(target):
+            os.remove(target)  # half a backup is worse than none
+        raise
     seconds = time.monotonic() - started
     os.chmod(target, 0o600)  # it holds key hashes and usage, as the store does
     found = check(target)
@@ -54,6 +59,9 @@ def _copy(source: str, target: str) -> None:
     try:
         src.execute("PRAGMA busy_timeout=10000")
         src.backup(dst, pages=-1)
+        # The copy keeps the source's WAL mode, and any reader would give it -wal and -shm
+        # files beside it: a backup is one self-contained file (the relay sets WAL again).
+        dst.execute("PRAGMA journal_mode=DELETE")
     finally:
         dst.close()
         src.close()

@@ -125,6 +125,13 @@ class Database(ABC, Generic[C_co]):
     def migrate(self) -> None:
         """Create or upgrade the schema; safe to call from every worker at start."""
 
+    def pending_migrations(self) -> list[str]:
+        """The migrations this database has not had yet, in the order `migrate` runs them."""
+        done: set[str] = set()
+        if self.query_one(self.dialect.table_exists, ("_migrations",)):
+            done = {row["name"] for row in self.query("SELECT name FROM _migrations")}
+        return schema.pending(done)
+
     @abstractmethod
     def close(self) -> None:
         """Close this process's connections (tests and CLI commands)."""

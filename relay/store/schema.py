@@ -139,11 +139,8 @@ MIGRATIONS: list[tuple[str, Callable[[Migrator], None]]] = [
 ]
 
 
-def pending(db: sqlite_utils.Database) -> list[str]:
-    """The names of the migrations a database has not had yet, in the order they would run."""
-    if "_migrations" not in db.table_names():
-        return [name for name, _ in MIGRATIONS]
-    done = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+def pending(done: set[str]) -> list[str]:
+    """The names of the migrations not among `done`, in the order they would run."""
     return [name for name, _ in MIGRATIONS if name not in done]
 
 
