@@ -36,6 +36,11 @@ def verify(check: Callable[[], T]) -> T:
         raise
 
 
+def key_in_headers(headers: HeaderSource) -> bool:
+    """Whether the request names a key in its headers (else it can only be in the body)."""
+    return bool(bearer_token(headers)) or any(headers.get(name, "").strip() for name in KEY_HEADERS)
+
+
 def find_client_key(headers: HeaderSource, body: Any, form_key: str | None = None) -> str | None:
     """Return the key from Authorization: Bearer, the body field (JSON, or a form field taken
     out of a form body), or api-key headers (or None)."""

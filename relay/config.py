@@ -48,6 +48,7 @@ DEFAULTS = {
     "PROXY_COUNT": 0,
     "LEGACY_MAX_CHARS": 2000,
     "MAX_BODY_BYTES": 32 * MIB,
+    "KEYLESS_MAX_BODY_BYTES": 1 * MIB,  # a body read only to look for the key in it
     "UPSTREAM_CONNECT_TIMEOUT": 5.0,
     "UPSTREAM_READ_TIMEOUT": 120.0,
     "UPSTREAM_RETRIES": 2,
@@ -81,6 +82,7 @@ INT_SETTINGS = {
     "PROXY_COUNT": (0, 10),
     "LEGACY_MAX_CHARS": (0, None),
     "MAX_BODY_BYTES": (1024, None),
+    "KEYLESS_MAX_BODY_BYTES": (1024, None),
     "UPSTREAM_RETRIES": (0, 10),
     "UPSTREAM_POOL_SIZE": (1, None),
     "RESERVE_COMPLETION_TOKENS": (0, None),

@@ -9,7 +9,7 @@ import logging
 from flask import Response, current_app, g, request
 from werkzeug.formparser import parse_form_data
 
-from relay.auth import authenticate, find_client_key, strip_body_key, verify
+from relay.auth import authenticate, bearer_token, find_client_key, strip_body_key, verify
 from relay.call import MAX_END_USER, Call, KeyRecord
 from relay.endpoints import account_group
 from relay.errors import (
@@ -39,13 +39,28 @@ UNIT_WORDS = {"image": Text("image"), "second": Text("second"), "character": Tex
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+def check_bearer_key() -> KeyRecord | None:
+    """The record of an `Authorization: Bearer` key, checked before the body is read (it
+    wins over a key in the body, so a wrong one is refused without reading what follows)."""
+    token = bearer_token(request.headers)
+    if not token:
+        return None
+    return verify(lambda: authenticate(state().store.keys, token))
+
+
 def open_call(
-    face: Face, path: str, raw: bytes, relayed: bool = True, form_key: str | None = None
+    face: Face,
+    path: str,
+    raw: bytes,
+    relayed: bool = True,
+    form_key: str | None = None,
+    known: KeyRecord | None = None,
 ) -> Call:
     """Parse the body, find and check the key, and describe the call; stored as g.call.
 
     `relayed` is False for the relay's own endpoints (balance): they authenticate the
-    same way but are not forwarded and leave no usage row.
+    same way but are not forwarded and leave no usage row. `known`: the Bearer key's
+    record, already checked (check_bearer_key).
     """
     current = state()
     call = Call(
@@ -63,7 +78,7 @@ def open_call(
     key = find_client_key(request.headers, call.json, form_key)
     if strip_body_key(call.json):
         call.body_changed = True
-    call.key = verify(lambda: authenticate(current.store.keys, key))
+    call.key = known or verify(lambda: authenticate(current.store.keys, key))
     g.call = call
     if relayed:
         describe(call, current.config["MODEL_ALIASES"])

@@ -485,3 +485,46 @@ def test_slow_crowds_do_not_slow_the_relay(relay_server, fake):
     assert p99(busy) < 0.5, figures
     assert max(gaps) < 0.1 + 0.5, figures
     still_serving(server)
+
+
+# A stranger's body is refused before it is read: no key in the headers, at most
+# RELAY_KEYLESS_MAX_BODY_BYTES; a wrong Bearer key, nothing at all.
+BIG_HEAD = [b"Content-Type: application/json", b"Content-Length: 32505856"]  # 31 MiB
+
+
+@pytest.mark.parametrize("line", [CHAT_LINE, LEGACY_LINE], ids=["openai", "legacy"])
+def test_a_big_body_without_a_key_is_refused_unread(relay, upstream, line):
+    forwarded = len(upstream.requests)
+    # Only the head is sent: an answer proves the relay did not wait for the 31 MiB.
+    reply = exchange(relay.port, request(line, BIG_HEAD))
+    answer = json_error(reply, 413, "request_too_large")
+    assert "RELAY_KEYLESS_MAX_BODY_BYTES" in answer["error"]["message"]
+    chunk = b"x" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(17)) + b"0\r\n\r\n"
+    reply = exchange(relay.port, request(line, CHUNKED, chunked))  # 1.06 MiB, counted
+    json_error(reply, 413, "request_too_large")
+    assert len(upstream.requests) == forwarded
+    still_serving(relay)
+
+
+def test_a_wrong_bearer_key_is_refused_before_its_body(relay, upstream):
+    forwarded = len(upstream.requests)
+    wrong = [b"Authorization: Bearer sk-relay-not-a-key", *BIG_HEAD]
+    reply = exchange(relay.port, request(CHAT_LINE, wrong))
+    assert reply.status == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert len(upstream.requests) == forwarded
+    still_serving(relay)
+
+
+def test_a_key_in_a_small_body_still_works_and_a_header_key_sends_a_big_body(relay, upstream):
+    key = relay.create_key("keyless-cap")
+    upstream.queue(sse_reply([{"choices": [{"delta": {"content": "ok"}}]}, "[DONE]"]))
+    legacy = {**CHAT, "api_secret_key": key, "messages": [{"role": "user", "content": "y" * 900}]}
+    reply = requests.post(relay.base_url + "/api/v1/chat/completions", json=legacy, timeout=30)
+    assert reply.status_code == 200 and b"ok" in reply.content
+    big = {**CHAT, "stream": False, "padding": "z" * (2 * 1024 * 1024)}  # over 1 MiB
+    reply = requests.post(
+        relay.base_url + "/v1/chat/completions", json=big, headers=auth(key), timeout=30
+    )
+    assert reply.status_code == 200
+    assert upstream.requests[-1].json["padding"] == big["padding"]

@@ -12,11 +12,12 @@ from relay.errors import InvalidRequest, RequestTooLarge
 READ_SIZE = 64 * 1024
 
 
-def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
+def read_body(environ: dict[str, Any], max_bytes: int, keyless: bool = False) -> bytes:
     """Read the whole request body, refusing more than max_bytes with a 413.
 
     Werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the
-    limit is enforced here by counting what actually arrives.
+    limit is enforced here by counting what actually arrives. `keyless`: no key came in
+    the headers, and the limit is the smaller one for bodies read only to find a key.
     """
     declared = environ.get("CONTENT_LENGTH")
     if declared:
@@ -25,7 +26,8 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
         except ValueError:
             raise InvalidRequest("Content-Length is not a number.") from None
         if length > max_bytes:
-            raise _too_large(max_bytes)
+            abandon_body(environ)
+            raise _too_large(max_bytes, keyless)
         if length <= 0:
             return b""
     stream = environ.get("wsgi.input")
@@ -39,13 +41,28 @@ def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
             break
         size += len(part)
         if size > max_bytes:
-            raise _too_large(max_bytes)
+            abandon_body(environ)
+            raise _too_large(max_bytes, keyless)
         parts.append(part)
     return b"".join(parts)
 
 
-def _too_large(max_bytes: int) -> RequestTooLarge:
+def abandon_body(environ: dict[str, Any]) -> None:
+    """Answer without reading the rest of the body: the connection closes after the reply
+    (under gunicorn; serve/client_guard.py), so no one waits for bytes nobody will read."""
+    abandon = getattr(environ.get("wsgi.input"), "abandon", None)
+    if abandon is not None:
+        abandon()
+
+
+def _too_large(max_bytes: int, keyless: bool) -> RequestTooLarge:
     """The 413 error for a body over the limit."""
+    if keyless:
+        return RequestTooLarge(
+            "A request without a key in its headers may send at most %(limit)d bytes "
+            "(RELAY_KEYLESS_MAX_BODY_BYTES); send the key as 'Authorization: Bearer <key>'.",
+            limit=max_bytes,
+        )
     return RequestTooLarge(
         "Request body is larger than the relay accepts (%(limit)d bytes, RELAY_MAX_BODY_BYTES).",
         limit=max_bytes,

@@ -7,10 +7,11 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from relay import pipeline
-from relay.auth import BODY_KEY_FIELD
+from relay.auth import BODY_KEY_FIELD, key_in_headers
+from relay.errors import RelayError
 from relay.face import Face
 from relay.faces import balance
-from relay.faces.request_body import read_body, take_form_key
+from relay.faces.request_body import abandon_body, read_body, take_form_key
 from relay.limits import Limits
 from relay.state import state
 
@@ -28,6 +29,24 @@ OWN_PATHS = {rule: methods for rule, methods in OWN_ENDPOINTS.values()} | {"/mod
 REFUSED = "wrong_method"
 
 
+def read_and_open(face: Face, relayed: bool) -> None:
+    """Check a Bearer key, read the body (bounded by what is known of the caller), find the
+    key in it otherwise, and open the call."""
+    try:
+        known = pipeline.check_bearer_key()
+    except RelayError:
+        abandon_body(request.environ)  # refused before its body: none of it is read
+        raise
+    config = current_app.config
+    # A body is read whole only for a caller who named a key up front; without one, it
+    # is read just far enough to find a key in it (legacy bodies carry theirs).
+    keyless = not key_in_headers(request.headers)
+    limit = config["KEYLESS_MAX_BODY_BYTES"] if keyless else config["MAX_BODY_BYTES"]
+    raw = read_body(request.environ, min(limit, config["MAX_BODY_BYTES"]), keyless)
+    raw, form_key = take_form_key(raw, request.content_type, BODY_KEY_FIELD)
+    pipeline.open_call(face, g.api_path, raw, relayed, form_key, known)
+
+
 def make_blueprint(face: Face, limits: Limits) -> Blueprint:
     """The blueprint of one face, under each of its prefixes."""
     bp = Blueprint(face.name, __name__)
@@ -43,10 +62,7 @@ def make_blueprint(face: Face, limits: Limits) -> Blueprint:
         endpoint = (request.endpoint or "").rpartition(".")[2]
         if endpoint in (REFUSED, "not_ours"):
             return  # refused before any key is asked for, as in HTTP
-        raw = read_body(request.environ, current_app.config["MAX_BODY_BYTES"])
-        raw, form_key = take_form_key(raw, request.content_type, BODY_KEY_FIELD)
-        relayed = endpoint not in OWN_ENDPOINTS
-        pipeline.open_call(face, g.api_path, raw, relayed, form_key)
+        read_and_open(face, endpoint not in OWN_ENDPOINTS)
 
     def own_reply(payload: dict[str, Any]) -> Response:
         """A reply of the relay's own, in the face's shape."""

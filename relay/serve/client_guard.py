@@ -36,6 +36,11 @@ class GuardedBody:
         # bounded by keepalive, and must not meet the relay's errors there.
         self.armed = True
 
+    def abandon(self) -> None:
+        """The app answers without reading the rest of the body: close the connection after
+        the reply, rather than have gunicorn read (and throw away) what is left of it."""
+        self._req.force_close()
+
     @property
     def failed(self) -> bool:
         """gunicorn's flag that a read failed (its parser then closes the connection)."""

@@ -4,8 +4,8 @@ A backup copies every page in ONE step of SQLite's online backup, reading one sn
 of the database (WAL mode: writers go on meanwhile). `sqlite3 .backup` copies 100 pages a
 step with pauses, and starts over after every write by another connection: under steady
 load it finishes only when the load stops. Measured with bench/backup_load.py (50 calls a
-second): one step took 0.20–0.21 s for 67 MB and 0.26–0.34 s for 133 MB, `VACUUM INTO`
-0.35–0.37 s and 0.43–0.80 s, the CLI's steps never finished (bench/README.md).
+second): one step took 0.20-0.21 s for 67 MB and 0.26-0.34 s for 133 MB, `VACUUM INTO`
+0.35-0.37 s and 0.43-0.80 s, the CLI's steps never finished (bench/README.md).
 """
 
 import os
