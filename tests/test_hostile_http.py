@@ -528,3 +528,19 @@ def test_a_key_in_a_small_body_still_works_and_a_header_key_sends_a_big_body(rel
     )
     assert reply.status_code == 200
     assert upstream.requests[-1].json["padding"] == big["padding"]
+
+
+def test_malformed_keyless_bodies_count_toward_the_block(relay_server, fake):
+    # A stranger repeating a refused body pays like a key guesser: after the limit, the
+    # address is blocked and even a 31 MiB head is answered at once and the connection closed.
+    server = relay_server(workers=2, RELAY_UNAUTHENTICATED_RPM="3")
+    bomb = b"&".join([b"a[]=1"] * 2000)  # more fields than a PHP form may have
+    form = [b"Content-Type: application/x-www-form-urlencoded", b"Content-Length: %d" % len(bomb)]
+    statuses = [exchange(server.port, request(LEGACY_LINE, form, bomb)).status for _ in range(5)]
+    assert statuses[:3] == [400] * 3 and statuses[3:] == [429, 429], statuses
+    started = time.monotonic()
+    reply = exchange(server.port, request(CHAT_LINE, BIG_HEAD))
+    assert reply.status == 429 and reply.headers["connection"] == "close"
+    assert time.monotonic() - started < 5
+    assert fake.requests == []
+    still_serving(server)

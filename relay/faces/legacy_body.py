@@ -23,7 +23,7 @@ BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 # Names are field names (letters, digits, _.-+~, PHP's brackets, %-escapes); neither part
 # holds "&" and names hold no "=", so matching is linear.
 FORM_BODY = re.compile(rb"[\w.+~%\[\]-]+=[^&\s]*(?:&[\w.+~%\[\]-]+=[^&\s]*)*&?")
-MAX_FIELDS = 10000
+MAX_FIELDS = 1000  # PHP's max_input_vars: no legacy client sent more
 MAX_DEPTH = 32  # levels of brackets in one field name
 MAX_INDEX_DIGITS = 9  # a longer run of digits is a name, not an index
 BodyKind = Literal["json", "form", "multipart"]
@@ -69,6 +69,8 @@ def _looks_like_json(raw: bytes) -> bool:
 def urlencoded_fields(raw: bytes) -> list[tuple[str, str]]:
     """Name/value pairs of a urlencoded body, strictly UTF-8."""
     text = decode_utf8(raw)
+    if text.count("&") >= MAX_FIELDS:  # counted before any is parsed
+        raise InvalidRequest("A form body may have %(limit)d fields at most.", limit=MAX_FIELDS)
     try:
         pairs = parse_qsl(
             text,
@@ -107,7 +109,9 @@ def multipart_fields(raw: bytes, boundary: str | None) -> tuple[list[tuple[str, 
                 if not event.more_data and not is_file:
                     pairs.append((name, decode_utf8(b"".join(parts), field=name)))
             if len(pairs) > MAX_FIELDS:
-                raise InvalidRequest("Too many form fields.")
+                raise InvalidRequest(
+                    "A form body may have %(limit)d fields at most.", limit=MAX_FIELDS
+                )
     except ValueError as exc:
         raise InvalidRequest("multipart body is malformed: %(reason)s.", reason=exc) from None
     return pairs, files > 0

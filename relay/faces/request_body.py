@@ -8,6 +8,7 @@ from urllib.parse import unquote_plus
 from werkzeug.http import parse_options_header
 
 from relay.errors import InvalidRequest, RequestTooLarge
+from relay.runtime import abandon_body
 
 READ_SIZE = 64 * 1024
 
@@ -45,14 +46,6 @@ def read_body(environ: dict[str, Any], max_bytes: int, keyless: bool = False) ->
             raise _too_large(max_bytes, keyless)
         parts.append(part)
     return b"".join(parts)
-
-
-def abandon_body(environ: dict[str, Any]) -> None:
-    """Answer without reading the rest of the body: the connection closes after the reply
-    (under gunicorn; serve/client_guard.py), so no one waits for bytes nobody will read."""
-    abandon = getattr(environ.get("wsgi.input"), "abandon", None)
-    if abandon is not None:
-        abandon()
 
 
 def _too_large(max_bytes: int, keyless: bool) -> RequestTooLarge:

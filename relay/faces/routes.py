@@ -8,11 +8,12 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from relay import pipeline
 from relay.auth import BODY_KEY_FIELD, key_in_headers
-from relay.errors import RelayError
+from relay.errors import InvalidRequest, RelayError, RequestTooLarge
 from relay.face import Face
 from relay.faces import balance
-from relay.faces.request_body import abandon_body, read_body, take_form_key
-from relay.limits import Limits
+from relay.faces.request_body import read_body, take_form_key
+from relay.limits import Limits, count_unauthenticated
+from relay.runtime import abandon_body
 from relay.state import state
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -42,9 +43,16 @@ def read_and_open(face: Face, relayed: bool) -> None:
     # is read just far enough to find a key in it (legacy bodies carry theirs).
     keyless = not key_in_headers(request.headers)
     limit = config["KEYLESS_MAX_BODY_BYTES"] if keyless else config["MAX_BODY_BYTES"]
-    raw = read_body(request.environ, min(limit, config["MAX_BODY_BYTES"]), keyless)
-    raw, form_key = take_form_key(raw, request.content_type, BODY_KEY_FIELD)
-    pipeline.open_call(face, g.api_path, raw, relayed, form_key, known)
+    try:
+        raw = read_body(request.environ, min(limit, config["MAX_BODY_BYTES"]), keyless)
+        raw, form_key = take_form_key(raw, request.content_type, BODY_KEY_FIELD)
+        pipeline.open_call(face, g.api_path, raw, relayed, form_key, known)
+    except (InvalidRequest, RequestTooLarge):
+        if keyless and "call" not in g:
+            # A body refused before any key was found in it is a stranger's failure too:
+            # repeating it gets the address blocked, as guessing keys does.
+            count_unauthenticated()
+        raise
 
 
 def make_blueprint(face: Face, limits: Limits) -> Blueprint:

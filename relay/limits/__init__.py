@@ -13,6 +13,7 @@ from flask import Flask, current_app, g, has_request_context, request
 from flask_limiter import Limiter
 
 from relay.call import Call
+from relay.errors import RateLimited
 from relay.limits.breaker import Breaker
 from relay.limits.failopen import FailOpenStorage
 from relay.limits.guessing import GuessGuard
@@ -26,6 +27,7 @@ from relay.limits.ratelimit import (
     per_key_rpm,
 )
 from relay.limits.storage import open_storage
+from relay.runtime import abandon_body
 
 EXTENSION = "relay_limits"
 OPEN_ENDPOINTS = {"health.healthz", "static"}  # answered even to a blocked address
@@ -66,7 +68,7 @@ class Limits:
         """before_request: a blocked guesser gets 429 before its body is read (not /healthz;
         the HTML pages check for themselves, to answer with a page)."""
         if request.endpoint not in OPEN_ENDPOINTS and request.blueprint not in HTML_PAGES:
-            self.guard.check(client_address())
+            check_blocked()
 
     def admit(self, call: Call) -> None:
         """Refuse a call over its key's token rate or calls at once (RateLimited)."""
@@ -110,9 +112,14 @@ class Limits:
 
 
 def check_blocked() -> None:
-    """RateLimited when the caller's address is blocked for failed credentials."""
+    """RateLimited when the caller's address is blocked for failed credentials; its body
+    is left unread and its connection closed after the 429."""
     limits: Limits = current_app.extensions[EXTENSION]
-    limits.guard.check(client_address())
+    try:
+        limits.guard.check(client_address())
+    except RateLimited:
+        abandon_body(request.environ)
+        raise
 
 
 def count_unauthenticated() -> None:

@@ -17,6 +17,7 @@ from limits.strategies import FixedWindowRateLimiter
 from relay.errors import RateLimited
 
 PREFIX = "relay"
+MAX_KNOWN = 10_000  # blocked addresses a process remembers
 
 
 class GuessGuard:
@@ -27,14 +28,34 @@ class GuessGuard:
         self.failures = FixedWindowRateLimiter(storage)
         self.per_minute = per_minute  # 0: off
         self.block_seconds = block_seconds
+        # Blocks this process has seen, and until when: a blocked address that keeps
+        # sending is refused without a storage round trip each time.
+        self.known: dict[str, float] = {}
 
     def check(self, address: str) -> None:
         """Refuse an address that is blocked (RateLimited, with how long it still waits)."""
         if not self.per_minute:
             return
+        until = self.known.get(address)
+        if until is not None:
+            if until > time.time():
+                raise self._refusal(until)
+            del self.known[address]
         key = self._blocked(address)
         if self.storage.get(key) > 0:
-            raise self._refusal(self.storage.get_expiry(key))
+            until = self.storage.get_expiry(key)
+            self._remember(address, until)
+            raise self._refusal(until)
+
+    def _remember(self, address: str, until: float) -> None:
+        """Note a block, in a table of bounded size (past it, old blocks are forgotten
+        first: they are still in the storage)."""
+        if len(self.known) >= MAX_KNOWN:
+            now = time.time()
+            self.known = {a: u for a, u in self.known.items() if u > now}
+            while len(self.known) >= MAX_KNOWN:
+                del self.known[next(iter(self.known))]
+        self.known[address] = until
 
     def failed(self, address: str) -> None:
         """Count one failed credential; past the limit, block the address and refuse."""
@@ -45,7 +66,9 @@ class GuessGuard:
             return
         key = self._blocked(address)
         self.storage.incr(key, math.ceil(self.block_seconds))
-        raise self._refusal(self.storage.get_expiry(key))
+        until = self.storage.get_expiry(key)
+        self._remember(address, until)
+        raise self._refusal(until)
 
     @staticmethod
     def _blocked(address: str) -> str:
