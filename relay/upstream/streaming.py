@@ -4,21 +4,21 @@ import time
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-import urllib3
+from requests.exceptions import RequestException
 
 from relay.call import Call, Outcome
 from relay.tokens import GENERATION_PATHS, estimate_usage, read_usage
 from relay.upstream import sse
-from relay.upstream.chunked import chunked_body, finish_chunked
 from relay.upstream.client import UpstreamReply, response_headers
 from relay.upstream.disconnect import DisconnectWatch
+from relay.upstream.failures import classify
 
 if TYPE_CHECKING:  # the modules below import this one; typing only
     from relay.upstream import Upstreams
     from relay.upstream.forwarding import CallSink
 
 STREAM_HEADERS = [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
-BROKEN = (urllib3.exceptions.HTTPError, OSError)
+BROKEN = (RequestException, OSError)  # RequestException is an OSError too: said for clarity
 
 
 def streamed_reply(
@@ -75,10 +75,7 @@ class StreamedBody:
     def hang_up(self) -> None:
         """The client left: wake the read blocked on the upstream so the stream ends now."""
         self.client_gone = True
-        try:
-            self.reply.raw.shutdown()
-        except (ValueError, RuntimeError, OSError):
-            self.reply.close()
+        self.reply.shut_down()
 
     def finish(self, outcome: Outcome) -> None:
         """Complete the call once: tokens from the stream, then the usage row."""
@@ -90,27 +87,12 @@ class StreamedBody:
             settle_stream_usage(call, self.tap)
         self.sink.complete(call)
 
-    def _chunks(self) -> Iterator[bytes]:
-        """Upstream body bytes as they arrive: all that one socket read brought."""
-        raw = self.reply.raw
-        body = chunked_body(raw)
-        if body is not None:
-            while data := body.read():
-                yield data
-            finish_chunked(raw, body)
-            return
-        if raw.chunked and raw.supports_chunked_reads():  # compressed: urllib3 decodes
-            yield from raw.read_chunked(None, decode_content=True)
-            return
-        while data := raw.read1(65536, decode_content=True):
-            yield data
-
     def _generate(self) -> Generator[bytes, None, None]:
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
         watch = DisconnectWatch(self.environ, self.hang_up)
         try:
-            for data in self._chunks():
+            for data in self.reply.chunks():
                 out = tap.feed(data) if tap is not None else data
                 if not out:
                     continue
@@ -138,24 +120,17 @@ class StreamedBody:
             watch.stop()
             self.reply.close()
 
-    def _broken(self, exc: Exception) -> bytes | None:
+    def _broken(self, exc: OSError) -> bytes | None:
         """Complete a stream the upstream (or the client) broke; return the error event to send."""
         if self.client_gone:
             self.finish("client_disconnected")
             return None
-        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
-        outcome: Outcome = "upstream_timeout" if timed_out else "upstream_dropped"
+        failed = classify(exc, "stream", self.upstreams.config["UPSTREAM_READ_TIMEOUT"])
         event = None
         if self.tap is not None:
-            seconds = self.upstreams.config["UPSTREAM_READ_TIMEOUT"]
-            message = (
-                f"The upstream sent nothing for {seconds:g} s; the stream was ended."
-                if timed_out
-                else "The upstream connection broke in the middle of the stream."
-            )
-            event = sse.error_event(message, outcome)
+            event = sse.error_event(failed.error.message, failed.outcome)
             self.call.bytes_out += len(event)
-        self.finish(outcome)
+        self.finish(failed.outcome)
         return event
 
 
