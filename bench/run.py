@@ -11,8 +11,8 @@ import tempfile
 import time
 import traceback
 
-from bench.processes import BenchError, Processes
-from bench.report import functional_failures, machine_info, report
+from bench.processes import ROOT, BenchError, Processes
+from bench.report import checkout_info, functional_failures, machine_info, report
 from bench.scenarios import SCENARIOS, Bench
 from bench.soak import SOAK, run_soak, soak_config, soak_problems, soak_upstream
 from bench.targets import Direct, OpenAIForward, Relay, Upstream
@@ -55,7 +55,15 @@ def run_paired(args, procs, workdir, results, scenarios):
     upstream.start()
     bench = Bench(args, procs, workdir, upstream)
     direct = Direct(upstream)
-    targets = [Relay(procs, workdir, upstream, model) for model in args.models]
+    targets = []
+    for number in range(args.rounds):  # rounds interleave the checkouts: A B A B ...
+        for model in args.models:
+            for label, root in args.checkouts:
+                relay = Relay(procs, workdir, upstream, model, root, label)
+                if args.rounds > 1:
+                    relay.name += f" #{number + 1}"
+                    relay.log_name += f"-{number + 1}"
+                targets.append(relay)
     if args.peer_openai_forward:
         peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
         results["openai_forward_command"] = peer.command()
@@ -119,7 +127,26 @@ def parse_args(argv):
     parser.add_argument("--py-spy", metavar="PATH", help="profile relay workers with this py-spy")
     parser.add_argument("--soak-rate", type=float, default=200.0, help="soak: calls per second")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak: length")
+    parser.add_argument(
+        "--relay-checkout",
+        action="append",
+        metavar="LABEL=DIR",
+        help="run the relay from this checkout too (repeatable; default: this one only)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every relay this many times, interleaved"
+    )
     args = parser.parse_args(argv)
+    args.checkouts = [("", ROOT)]
+    if args.relay_checkout:
+        args.checkouts = []
+        for item in args.relay_checkout:
+            label, sep, root = item.partition("=")
+            if not sep or not label or not os.path.isfile(os.path.join(root, "app.py")):
+                parser.error(f"--relay-checkout {item!r}: want LABEL=DIR of a relay checkout")
+            args.checkouts.append((label, os.path.abspath(root)))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.smoke:
         args.streams = min(args.streams, 50)
         args.stream_seconds = 1.0
@@ -162,6 +189,8 @@ def main(argv=None):
             "loadgen_procs": args.loadgen_procs,
             "scenarios": args.scenarios,
             "workers": args.models,
+            "rounds": args.rounds,
+            "checkouts": {label: checkout_info(root) for label, root in args.checkouts if label},
         },
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "targets": {},

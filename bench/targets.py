@@ -109,12 +109,18 @@ def worker_command(model):
 class Relay(Target):
     """The relay under gunicorn, started like the Procfile says (gthread: flags replaced)."""
 
-    def __init__(self, procs, workdir, upstream, model):
-        """Choose a port, a temporary directory and the environment; start() runs it."""
+    def __init__(self, procs, workdir, upstream, model, root=ROOT, label=""):
+        """Choose a port, a temporary directory and the environment; start() runs it.
+
+        `root` is the checkout the relay runs from (its cwd: gunicorn and flask import
+        `relay` from there), `label` names it in the report when several are compared.
+        """
         self.procs = procs
         self.model = model
-        self.name = f"relay {model}"
-        self.log_name = self.name.replace(" ", "-").replace(":", "")
+        self.root = root
+        self.label = label
+        self.name = f"relay {model}" + (f" @{label}" if label else "")
+        self.log_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name)
         self.dir = tempfile.mkdtemp(prefix=f"relay-{model.replace(':', '')}-", dir=workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
@@ -136,7 +142,7 @@ class Relay(Target):
         """Create a relay key with `flask --app app keys create NAME [options]`; return it."""
         made = subprocess.run(
             [os.path.join(VENV_BIN, "flask"), "--app", "app", "keys", "create", name, *options],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             capture_output=True,
             text=True,
@@ -152,7 +158,7 @@ class Relay(Target):
         """Create the bench key, start gunicorn, wait for /healthz."""
         self.key = self.create_key("bench")
         self.proc = self.procs.start(
-            self.log_name, ["/bin/sh", "-c", "exec " + self.command], env=self.env
+            self.log_name, ["/bin/sh", "-c", "exec " + self.command], env=self.env, cwd=self.root
         )
         wait_healthy(self.proc, self.port, "/healthz", timeout=60)
 
