@@ -110,7 +110,9 @@ class UpstreamAdapter(HTTPAdapter):
     Calls go to `send` with a PreparedRequest, never through a Session: a Session keeps a
     cookie jar shared by every call, reads proxies, CA settings and .netrc credentials
     from the environment, and follows redirects, none of which a relay may do for its
-    clients. The adapter does none of it, so nothing of one call reaches the next.
+    clients. The adapter does none of it, so nothing of one call reaches the next, by
+    construction rather than by settings. (A Session with all of that switched off would
+    still cost ~80 000 more instructions a call than this, by callgrind: ~2 % of a call.)
     """
 
     def __init__(self, pool_size: int) -> None:

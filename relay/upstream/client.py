@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from requests import PreparedRequest, Response
+from requests.structures import CaseInsensitiveDict
 
 from relay.errors import InvalidRequest
 from relay.upstream.adapter import UpstreamAdapter, body_chunks, read_body, shut_down
@@ -106,17 +107,19 @@ class UpstreamReply:
 def prepare(
     method: str, url: str, headers: Mapping[str, str], body: bytes | None
 ) -> PreparedRequest:
-    """A PreparedRequest with no more than the call itself carries.
+    """A PreparedRequest carrying the call as it is: no cookies, auth or hooks to add.
 
-    No cookies, no auth and no hooks are prepared: the relay has none to add, and the
-    upstream key is already in the headers. prepare_headers refuses header values that
-    could not be sent as they are (requests' InvalidHeader).
+    The URL is set as upstream_url built and quoted it, and the headers as
+    request_headers checked them: requests' prepare_url and prepare_headers would parse,
+    requote and validate both a second time, ~140 000 instructions a call (callgrind),
+    half of all that requests adds to one. prepare_method and prepare_body do the rest
+    (the method's case; Content-Length, 0 for an empty POST).
     """
     prepared = PreparedRequest()
     prepared.prepare_method(method)
-    prepared.prepare_url(url, None)
-    prepared.prepare_headers(headers)
-    prepared.prepare_body(body or None, None)  # Content-Length (0 for an empty POST)
+    prepared.url = url
+    prepared.headers = CaseInsensitiveDict(headers)
+    prepared.prepare_body(body or None, None)
     return prepared
 
 
@@ -131,7 +134,7 @@ def send(
     """Send one request; return its UpstreamReply as soon as the status and headers are in.
 
     No retries or redirects here: forwarding decides what may be tried again. Errors are
-    requests' own (ConnectionError, ConnectTimeout, ReadTimeout, InvalidHeader, ...).
+    requests' own (ConnectionError, ConnectTimeout, ReadTimeout, ...).
     """
     response = adapter.send(prepare(method, url, headers, body), stream=True, timeout=timeout)
     return UpstreamReply(response)
@@ -174,9 +177,9 @@ def request_headers(
     headers: dict[str, str] = {}
     for name, value in client_headers:
         if name.lower() not in DROP_REQUEST:
-            # Whitespace around a value is not part of it (RFC 9110), and requests refuses
-            # a value that starts with some; gunicorn strips it already, other servers may not.
-            headers[name] = value.strip(" \t")
+            if "\n" in value or "\r" in value:  # gunicorn never passes one; other servers might
+                raise InvalidRequest("A request header has a line break; it cannot be forwarded.")
+            headers[name] = value
     if content_type is not None:
         for name in [n for n in headers if n.lower() == "content-type"]:
             del headers[name]
