@@ -349,8 +349,7 @@ def comparison_table(results):
         return None
     groups = {}
     for name, res in results["targets"].items():
-        if name.startswith("relay "):
-            groups.setdefault(name.split(" #")[0], []).append(res)
+        groups.setdefault(name.split(" #")[0], []).append(res)
     rows = []
     for name, runs in groups.items():
         row = [name, str(len(runs))]
@@ -360,8 +359,8 @@ def comparison_table(results):
             middle = _median(values)
             row.append(f"**{fmt(middle, digits)}** ({shown})" if middle is not None else "-")
         rows.append(row)
-    header = ["relay", "rounds", *(c[0] for c in COMPARED)]
-    title = "Relays compared (median over the rounds, bold; then each round, in run order)"
+    header = ["target", "rounds", *(c[0] for c in COMPARED)]
+    title = "Targets compared (median over the rounds, bold; then each round, in run order)"
     return table(title, header, rows)
 
 

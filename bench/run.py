@@ -57,17 +57,18 @@ def run_paired(args, procs, workdir, results, scenarios):
     direct = Direct(upstream)
     targets = []
     for number in range(args.rounds):  # rounds interleave the checkouts: A B A B ...
+        suffix = f" #{number + 1}" if args.rounds > 1 else ""
         for model in args.models:
             for label, root in args.checkouts:
                 relay = Relay(procs, workdir, upstream, model, root, label)
-                if args.rounds > 1:
-                    relay.name += f" #{number + 1}"
-                    relay.log_name += f"-{number + 1}"
+                relay.name += suffix
+                relay.log_name += suffix.replace(" #", "-")
                 targets.append(relay)
-    if args.peer_openai_forward:
-        peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
-        results["openai_forward_command"] = peer.command()
-        targets.append(peer)
+        if args.peer_openai_forward:  # the peer in every round too, measured under the same load
+            peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
+            peer.name += suffix
+            results["openai_forward_command"] = peer.command()
+            targets.append(peer)
     for target in targets:
         if isinstance(target, Relay):
             results.setdefault("relay_commands", {})[target.model] = target.command

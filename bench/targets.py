@@ -221,7 +221,8 @@ class OpenAIForward(Target):
         """Start uvicorn in an empty directory (openai-forward reads ./.env) and wait."""
         if not os.path.exists(self.argv[0]):
             raise BenchError(f"{self.argv[0]} not found: pip install openai-forward into it")
-        self.proc = self.procs.start("openai-forward", self.argv, env=self.env, cwd=self.dir)
+        log_name = self.name.replace(" #", "-")
+        self.proc = self.procs.start(log_name, self.argv, env=self.env, cwd=self.dir)
         wait_healthy(self.proc, self.port, "/healthz", timeout=60)
 
     def stop(self):
