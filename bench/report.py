@@ -56,6 +56,17 @@ def machine_info():
     }
 
 
+def checkout_info(root):
+    """Where a compared relay checkout is, and its commit when it is a git checkout."""
+    commit = subprocess.run(
+        ["git", "-C", root, "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {"root": root, "commit": commit[:100] or "not a git checkout"}
+
+
 def fmt(value, digits=1):
     """A table cell."""
     if value is None:
@@ -110,7 +121,8 @@ def blocks(results, scenario):
 def report(results):
     """All figures as Markdown tables."""
     out = []
-    for render in (nonstream_table, streams_table, fidelity_table, disconnect_table, soak_table):
+    renders = (nonstream_table, streams_table, fidelity_table, disconnect_table, soak_table)
+    for render in (*renders, comparison_table):
         text = render(results)
         if text:
             out.append(text)
@@ -280,6 +292,75 @@ def soak_table(results):
     header += ["tokens rows / keys", "RSS first / last MiB", "RSS growth MiB"]
     header += ["non-stream p50 / p99 ms", "stream p50 / p99 ms", "peak open calls / streams"]
     header += ["start lag p99 / max ms", "target cores", "other users' cores", "checks"]
+    return table(title, header, rows)
+
+
+def _median(values):
+    """The median of the values that are there (None: none are)."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _at(result, *path):
+    """result[path[0]][path[1]]..., or None where a step is missing."""
+    for step in path:
+        if not isinstance(result, dict):
+            return None
+        result = result.get(step)
+    return result
+
+
+# The comparison's columns: (header, digits, the figure from one target's results).
+COMPARED = [
+    ("CPU us per non-stream call", 1, lambda r: _at(r, "nonstream", "target", "cpu_us_per_call")),
+    ("CPU us per stream event", 1, lambda r: _at(r, "streams", "target", "cpu_us_per_event")),
+    ("c32 req/s", 0, lambda r: _at(r, "nonstream", "target", "c32", "rps")),
+    (
+        "c1 overhead ms",
+        2,
+        lambda r: diff(
+            _at(r, "nonstream", "direct", "c1", "p50_ms"),
+            _at(r, "nonstream", "target", "c1", "p50_ms"),
+        ),
+    ),
+    (
+        "TTFB p99 over direct ms",
+        0,
+        lambda r: diff(
+            _at(r, "streams", "direct", "ttfb_p99_ms"), _at(r, "streams", "target", "ttfb_p99_ms")
+        ),
+    ),
+    (
+        "RSS peak MiB (streams)",
+        1,
+        lambda r: _at(r, "streams", "target", "processes", "target", "rss_peak_mib"),
+    ),
+    ("disconnect p50 ms", 2, lambda r: _at(r, "disconnect", "target", "p50_ms")),
+]
+
+
+def comparison_table(results):
+    """Checkouts side by side: each figure's median over the rounds, then every round's value."""
+    config = results["config"]
+    if not config.get("checkouts") and config.get("rounds", 1) < 2:
+        return None
+    groups = {}
+    for name, res in results["targets"].items():
+        groups.setdefault(name.split(" #")[0], []).append(res)
+    rows = []
+    for name, runs in groups.items():
+        row = [name, str(len(runs))]
+        for _header, digits, figure in COMPARED:
+            values = [figure(run) for run in runs if not run.get("error")]
+            shown = ", ".join(fmt(v, digits) for v in values)
+            middle = _median(values)
+            row.append(f"**{fmt(middle, digits)}** ({shown})" if middle is not None else "-")
+        rows.append(row)
+    header = ["target", "rounds", *(c[0] for c in COMPARED)]
+    title = "Targets compared (median over the rounds, bold; then each round, in run order)"
     return table(title, header, rows)
 
 

@@ -11,8 +11,8 @@ import tempfile
 import time
 import traceback
 
-from bench.processes import BenchError, Processes
-from bench.report import functional_failures, machine_info, report
+from bench.processes import ROOT, BenchError, Processes
+from bench.report import checkout_info, functional_failures, machine_info, report
 from bench.scenarios import SCENARIOS, Bench
 from bench.soak import SOAK, run_soak, soak_config, soak_problems, soak_upstream
 from bench.targets import Direct, OpenAIForward, Relay, Upstream
@@ -57,15 +57,21 @@ def run_paired(args, procs, workdir, results, scenarios):
     upstream.start()
     bench = Bench(args, procs, workdir, upstream)
     direct = Direct(upstream)
-    targets = [
-        Relay(procs, workdir, upstream, model, store)
-        for model in args.models
-        for store in args.postgres_stores
-    ]
-    if args.peer_openai_forward:
-        peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
-        results["openai_forward_command"] = peer.command()
-        targets.append(peer)
+    targets = []
+    for number in range(args.rounds):  # rounds interleave the checkouts: A B A B ...
+        suffix = f" #{number + 1}" if args.rounds > 1 else ""
+        for model in args.models:
+            for store in args.postgres_stores:
+                for label, root in args.checkouts:
+                    relay = Relay(procs, workdir, upstream, model, store, root, label)
+                    relay.name += suffix
+                    relay.log_name += suffix.replace(" #", "-")
+                    targets.append(relay)
+        if args.peer_openai_forward:  # the peer in every round too, measured under the same load
+            peer = OpenAIForward(procs, workdir, upstream, args.peer_openai_forward)
+            peer.name += suffix
+            results["openai_forward_command"] = peer.command()
+            targets.append(peer)
     for target in targets:
         if isinstance(target, Relay):
             results.setdefault("relay_commands", {})[target.name] = target.command
@@ -141,7 +147,26 @@ def parse_args(argv):
         default="sqlite",
         help="sqlite, postgresql or both (sqlite,postgresql: each worker model on each store)",
     )
+    parser.add_argument(
+        "--relay-checkout",
+        action="append",
+        metavar="LABEL=DIR",
+        help="run the relay from this checkout too (repeatable; default: this one only)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every relay this many times, interleaved"
+    )
     args = parser.parse_args(argv)
+    args.checkouts = [("", ROOT)]
+    if args.relay_checkout:
+        args.checkouts = []
+        for item in args.relay_checkout:
+            label, sep, root = item.partition("=")
+            if not sep or not label or not os.path.isfile(os.path.join(root, "app.py")):
+                parser.error(f"--relay-checkout {item!r}: want LABEL=DIR of a relay checkout")
+            args.checkouts.append((label, os.path.abspath(root)))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.smoke:
         args.streams = min(args.streams, 50)
         args.stream_seconds = 1.0
@@ -192,6 +217,8 @@ def main(argv=None):
             "scenarios": args.scenarios,
             "workers": args.models,
             "stores": ["sqlite" if s is None else "postgresql" for s in args.postgres_stores],
+            "rounds": args.rounds,
+            "checkouts": {label: checkout_info(root) for label, root in args.checkouts if label},
         },
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "targets": {},

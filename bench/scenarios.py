@@ -119,11 +119,14 @@ class Bench:
         """Throughput at concurrency 32 and latency at concurrency 1."""
         args = self.args
 
+        warmups = (64, 32)  # untimed calls before c32 and before c1
+
         def run():
             """Both load levels."""
             c32 = ["--concurrency", "32", "--duration", str(args.nonstream_seconds)]
-            c32 += ["--warmup", "64"]
-            c1 = ["--concurrency", "1", "--duration", str(args.c1_seconds), "--warmup", "32"]
+            c32 += ["--warmup", str(warmups[0])]
+            c1 = ["--concurrency", "1", "--duration", str(args.c1_seconds)]
+            c1 += ["--warmup", str(warmups[1])]
             if args.smoke:
                 c32 += ["--n", "200"]
                 c1 += ["--n", "50"]
@@ -131,7 +134,13 @@ class Bench:
             one = self.loadgen(target, "nonstream", c1)[0]
             return {"c32": high, "c1": one}
 
-        return self.measured(target, run, "nonstream")
+        result = self.measured(target, run, "nonstream")
+        spent = result["processes"].get("target")
+        calls = result["c32"]["count"] + result["c1"]["count"] + sum(warmups)
+        if spent and calls:
+            # Everything the target did during both load levels, per call made.
+            result["cpu_us_per_call"] = round(spent["cpu_seconds"] / calls * 1e6, 1)
+        return result
 
     # -- streams
 

@@ -49,7 +49,7 @@ def summarize_profile(stacks, top=12):
         rows = sorted(table.items(), key=lambda item: -item[1])
         return [[round(100 * n / total, 1), f] for f, n in rows if keep(f)][:top]
 
-    mine = ("relay/", "urllib3/", "gunicorn/http", "sqlite", "flask_limiter", "sse")
+    mine = ("relay/", "requests/", "urllib3/", "gunicorn/http", "sqlite", "flask_limiter", "sse")
     return {
         "samples": total,
         "own": best(own, lambda f: True),

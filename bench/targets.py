@@ -114,15 +114,19 @@ class Relay(Target):
 
     `postgres` (a server URL) puts its store in a fresh database made on that server for
     this target (dropped again by stop()); otherwise it is a SQLite file in its directory.
+    `root` is the checkout the relay runs from (its cwd: gunicorn and flask import `relay`
+    from there), `label` names it in the report when several are compared.
     """
 
-    def __init__(self, procs, workdir, upstream, model, postgres=None):
+    def __init__(self, procs, workdir, upstream, model, postgres=None, root=ROOT, label=""):
         """Choose a port, a temporary directory and the environment; start() runs it."""
         self.procs = procs
         self.model = model
         self.postgres = postgres
-        self.name = f"relay {model}" + (" pg" if postgres else "")
-        self.log_name = self.name.replace(" ", "-").replace(":", "")
+        self.root = root
+        self.label = label
+        self.name = f"relay {model}" + (" pg" if postgres else "") + (f" @{label}" if label else "")
+        self.log_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name)
         self.dir = tempfile.mkdtemp(prefix=f"relay-{model.replace(':', '')}-", dir=workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
@@ -147,7 +151,7 @@ class Relay(Target):
         """Create a relay key with `flask --app app keys create NAME [options]`; return it."""
         made = subprocess.run(
             [os.path.join(VENV_BIN, "flask"), "--app", "app", "keys", "create", name, *options],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             capture_output=True,
             text=True,
@@ -163,7 +167,7 @@ class Relay(Target):
         """Create the bench key, start gunicorn, wait for /healthz."""
         self.key = self.create_key("bench")
         self.proc = self.procs.start(
-            self.log_name, ["/bin/sh", "-c", "exec " + self.command], env=self.env
+            self.log_name, ["/bin/sh", "-c", "exec " + self.command], env=self.env, cwd=self.root
         )
         wait_healthy(self.proc, self.port, "/healthz", timeout=60)
 
@@ -245,7 +249,8 @@ class OpenAIForward(Target):
         """Start uvicorn in an empty directory (openai-forward reads ./.env) and wait."""
         if not os.path.exists(self.argv[0]):
             raise BenchError(f"{self.argv[0]} not found: pip install openai-forward into it")
-        self.proc = self.procs.start("openai-forward", self.argv, env=self.env, cwd=self.dir)
+        log_name = self.name.replace(" #", "-")
+        self.proc = self.procs.start(log_name, self.argv, env=self.env, cwd=self.dir)
         wait_healthy(self.proc, self.port, "/healthz", timeout=60)
 
     def stop(self):

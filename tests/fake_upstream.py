@@ -428,6 +428,7 @@ class FakeUpstream:
         self.stream_chunks = 5
         self.stream_interval = 0.0
         self.send_usage = True
+        self.extra_headers: dict[str, str] = {}  # added to every default answer (Set-Cookie...)
         self._queue: list[Behaviour] = []
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -571,7 +572,7 @@ class FakeUpstream:
         """Send base+final as one JSON object, or base+choices as a stream when asked."""
         n = next(self._ids)
         base = {**base, "id": base["id"] + str(n), "created": int(time.time())}
-        headers = {"x-request-id": f"req_fake{n}"}
+        headers = {"x-request-id": f"req_fake{n}", **self.extra_headers}
         if not req.json.get("stream"):
             body = {**base, **final}
             if self.send_usage:
@@ -592,7 +593,7 @@ class FakeUpstream:
             {"id": m, "object": "model", "created": FAKE_CREATED, "owned_by": "fake"}
             for m in self.models
         ]
-        return peer.respond_json(200, {"object": "list", "data": data})
+        return peer.respond_json(200, {"object": "list", "data": data}, self.extra_headers)
 
     def _chat(self, peer, req) -> bool:
         """Answer a chat completion."""

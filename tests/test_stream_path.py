@@ -10,7 +10,7 @@ from conftest import auth
 from fake_upstream import raw
 from hypothesis import given
 from hypothesis import strategies as st
-from urllib3.exceptions import ProtocolError
+from requests.exceptions import ChunkedEncodingError
 
 from relay.serve.worker import ACCEPT_BATCH, BatchAcceptServer
 from relay.store.group_commit import GroupCommit
@@ -66,19 +66,19 @@ def test_one_read_returns_every_chunk_it_brought():
     [b"zz\r\nhello\r\n", b"5\r\nhello!!\r\n", b"-5\r\nhello\r\n", b"5" * 5000],
     ids=["bad size", "longer than said", "negative", "overlong line"],
 )
-def test_broken_framing_is_a_protocol_error(data):
-    with pytest.raises(ProtocolError):
+def test_broken_framing_is_a_chunked_encoding_error(data):
+    with pytest.raises(ChunkedEncodingError):
         ChunkedBody(None).feed(data)
 
 
-def test_a_connection_closed_inside_the_body_is_a_protocol_error():
+def test_a_connection_closed_inside_the_body_is_a_chunked_encoding_error():
     left, right = socket.socketpair()
     with left, right, right.makefile("rb") as fp:
         left.sendall(b"5\r\nhel")
         left.shutdown(socket.SHUT_WR)
         body = ChunkedBody(fp)
         assert body.read() == b"hel"  # what came is passed on at once
-        with pytest.raises(ProtocolError):
+        with pytest.raises(ChunkedEncodingError):
             body.read()
 
 

@@ -1,14 +1,15 @@
 """The upstream layer: routing calls to upstreams, the HTTP client, and relaying their replies.
 
-`Upstreams` is the layer's one entry point. Only this package talks HTTP to upstreams,
-imports urllib3, or touches gevent's sockets.
+`Upstreams` is the layer's one entry point. Only this package talks HTTP to upstreams
+(through requests, with the adapter of adapter.py, the only module importing urllib3) or
+touches gevent's sockets.
 """
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from relay.call import Call
-from relay.upstream.client import get, make_pool
+from relay.upstream.client import get, make_adapter
 from relay.upstream.forwarding import CallSink, forward
 from relay.upstream.models import models_union
 from relay.upstream.pacing import Pacer
@@ -20,12 +21,12 @@ __all__ = ["CallSink", "Relayed", "Upstreams"]
 
 
 class Upstreams:
-    """Every configured upstream, the connection pool to them, and the stream pacer."""
+    """Every configured upstream, the requests adapter pooling connections to them, the pacer."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.router = Router(load_upstreams(config), cooldown=config["UPSTREAM_COOLDOWN"])
-        self.http = make_pool(config["UPSTREAM_POOL_SIZE"])
+        self.http = make_adapter(config["UPSTREAM_POOL_SIZE"])
         self.pacer = Pacer(config["STREAM_MAX_PAUSE"])
 
     @property
@@ -68,4 +69,4 @@ class Upstreams:
 
     def close(self) -> None:
         """Close pooled connections (tests, CLI)."""
-        self.http.clear()
+        self.http.close()

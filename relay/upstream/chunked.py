@@ -1,9 +1,8 @@
-"""Reading a chunked upstream body straight from its socket: everything that arrived, per read."""
+"""Decoding a chunked upstream body off its buffered socket file: all that arrived, per read."""
 
-from typing import IO, Any
+from typing import IO
 
-from urllib3.exceptions import ProtocolError
-from urllib3.response import BaseHTTPResponse
+from requests.exceptions import ChunkedEncodingError
 
 MAX_SIZE_LINE = 4096  # a chunk-size line (with extensions) or trailer line longer than this is junk
 READ_SIZE = 65536
@@ -15,6 +14,8 @@ class ChunkedBody:
     urllib3's read_chunked returns one HTTP chunk per call (two buffered reads each);
     this returns all body bytes one socket read brought, so when a relay falls behind
     the events that piled up meanwhile go out in one write instead of one write each.
+    Broken framing, or a connection closed inside the body, is requests'
+    ChunkedEncodingError, as when requests reads a body itself.
     """
 
     def __init__(self, fp: IO[bytes]) -> None:
@@ -31,7 +32,9 @@ class ChunkedBody:
         while not self.done:
             data = self.fp.read1(READ_SIZE)  # type: ignore[attr-defined]
             if not data:
-                raise ProtocolError("The upstream closed the connection inside a chunked body.")
+                raise ChunkedEncodingError(
+                    "The upstream closed the connection inside a chunked body."
+                )
             body = self.feed(data)
             if body:
                 return body
@@ -55,13 +58,15 @@ class ChunkedBody:
             line_end = buffer.find(b"\r\n", pos)
             if line_end < 0:
                 if end - pos > MAX_SIZE_LINE:
-                    raise ProtocolError("The upstream sent an overlong chunk framing line.")
+                    raise ChunkedEncodingError("The upstream sent an overlong chunk framing line.")
                 break
             line = buffer[pos:line_end]
             pos = line_end + 2
             if self.crlf:
                 if line:
-                    raise ProtocolError("The upstream's chunk was longer than its size said.")
+                    raise ChunkedEncodingError(
+                        "The upstream's chunk was longer than its size said."
+                    )
                 self.crlf = False
             elif self.trailers:
                 self.done = not line  # the empty line after the trailers ends the body
@@ -77,37 +82,10 @@ class ChunkedBody:
         try:
             size = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
-            raise ProtocolError("The upstream sent an invalid chunk size.") from None
+            raise ChunkedEncodingError("The upstream sent an invalid chunk size.") from None
         if size < 0:
-            raise ProtocolError("The upstream sent an invalid chunk size.")
+            raise ChunkedEncodingError("The upstream sent an invalid chunk size.")
         if size:
             self.left = size
         else:
             self.trailers = True
-
-
-def chunked_body(raw: BaseHTTPResponse) -> "ChunkedBody | None":
-    """A ChunkedBody for a urllib3 response when it can be read directly, else None.
-
-    Only a plain (not compressed) chunked body whose headers were parsed by
-    http.client and of which nothing has been read yet qualifies.
-    """
-    original = getattr(raw, "_original_response", None)
-    fp = getattr(original, "fp", None)
-    if not raw.chunked or fp is None or not hasattr(fp, "read1"):
-        return None
-    if raw.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-        return None
-    if getattr(original, "chunk_left", None) is not None:
-        return None  # http.client already started on the body
-    return ChunkedBody(fp)
-
-
-def finish_chunked(raw: Any, body: ChunkedBody) -> None:
-    """After the whole body was read: give the connection back to the pool when it is clean."""
-    original = raw._original_response
-    original.close()  # as urllib3 does after read_chunked: the "file" is done, not the socket
-    if body.extra:
-        raw.close()
-    else:
-        raw.release_conn()

@@ -5,11 +5,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from requests.exceptions import RequestException
 
 from relay.call import Call
-from relay.errors import RelayError, UpstreamError, UpstreamTimeout
+from relay.errors import RelayError, UpstreamError
 from relay.tokens import GENERATION_PATHS
 from relay.upstream.client import (
     UpstreamReply,
@@ -18,6 +17,7 @@ from relay.upstream.client import (
     send,
     upstream_url,
 )
+from relay.upstream.failures import classify
 from relay.upstream.replies import Relayed, respond
 from relay.upstream.routing import Target
 from relay.upstreams_file import Upstream
@@ -133,22 +133,15 @@ def attempt(
             data,
             timeout,
         )
-    except NewConnectionError as exc:  # refused, unreachable, unresolvable
-        _unreachable(upstreams, target, exc)
-        raise AttemptFailed(UpstreamError("The upstream could not be reached."), True) from None
-    except ConnectTimeoutError:
-        upstreams.router.rest(target)
-        error = UpstreamTimeout("The upstream did not accept a connection in time.")
-        raise AttemptFailed(error, False) from None
-    except ReadTimeoutError:
-        # The upstream took the request and went quiet: retrying could run it twice.
-        raise UpstreamTimeout(
-            "The upstream did not answer within "
-            f"{config['UPSTREAM_READ_TIMEOUT']:g} s (RELAY_UPSTREAM_READ_TIMEOUT)."
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:  # e.g. a pooled connection died
-        _unreachable(upstreams, target, exc)
-        raise AttemptFailed(UpstreamError("The upstream could not be reached."), True) from None
+    except (RequestException, OSError) as exc:
+        failed = classify(exc, "send", config["UPSTREAM_READ_TIMEOUT"])
+        if failed.rest:
+            # Never the URL or the key in the log: the upstream's name and what failed.
+            log.warning("upstream %s unreachable: %s", target.upstream.name, type(exc).__name__)
+            upstreams.router.rest(target)
+        if not failed.retry:
+            raise failed.error from None
+        raise AttemptFailed(failed.error, failed.broken) from None
     if reply.status_code in RETRY_STATUSES and retry_left:
         log.warning(
             "upstream %s key #%d answered %d; trying the next one",
@@ -160,9 +153,3 @@ def attempt(
         reply.close()
         raise AttemptFailed(None, False)
     return reply, injected
-
-
-def _unreachable(upstreams: "Upstreams", target: Target, exc: Exception) -> None:
-    """Log a failed attempt (never its URL or key) and let that key rest."""
-    log.warning("upstream %s unreachable: %s", target.upstream.name, type(exc).__name__)
-    upstreams.router.rest(target)

@@ -5,7 +5,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import urllib3
+from requests.exceptions import RequestException
 
 from relay.upstream.client import get
 from relay.upstream.routing import Target
@@ -36,7 +36,7 @@ def fetch_models(upstreams: "Upstreams", upstream: Upstream) -> list[Any]:
                 listing = json.loads(body)
                 data = listing.get("data") if isinstance(listing, dict) else None
                 return data if isinstance(data, list) else []
-        except (ValueError, OSError, urllib3.exceptions.HTTPError) as exc:
+        except (ValueError, RequestException, OSError) as exc:
             log.warning("models of upstream %s: %s", upstream.name, type(exc).__name__)
     return []
 

@@ -6,15 +6,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import urllib3
-from urllib3.exceptions import ReadTimeoutError
+from requests.exceptions import RequestException
 
 from relay.call import Call
-from relay.errors import UpstreamError, UpstreamTimeout
+from relay.errors import UpstreamError
 from relay.metering import measure_units, unit_of
 from relay.tokens import GENERATION_PATHS, reply_text
 from relay.upstream import sse
 from relay.upstream.client import UpstreamReply, response_headers
+from relay.upstream.failures import classify
 from relay.upstream.routing import Target
 from relay.upstream.streaming import streamed_reply
 from relay.upstream.usage import take_usage
@@ -66,7 +66,7 @@ def respond(
         return error_reply(call, reply, target)
     is_sse = content_type.startswith("text/event-stream")
     if "json" in content_type and not is_sse:
-        return json_reply(call, reply, target)
+        return json_reply(upstreams, call, reply, target)
     tap = sse.EventTap(strip_usage_chunk=injected) if is_sse else None
     headers, body = streamed_reply(upstreams, call, reply, tap, environ, sink)
     return Relayed(reply.status_code, headers, body, streamed=True)
@@ -78,12 +78,12 @@ def _redact(raw: bytes, target: Target) -> bytes:
     return raw.replace(secret, b"[redacted]") if secret in raw else raw
 
 
-def json_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
+def json_reply(upstreams: "Upstreams", call: Call, reply: UpstreamReply, target: Target) -> Relayed:
     """Read a JSON reply whole and take its usage (or estimate it)."""
     try:
         raw = reply.read()
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _broken_reply(exc) from None
+    except (RequestException, OSError) as exc:
+        raise classify(exc, "body", upstreams.config["UPSTREAM_READ_TIMEOUT"]).error from None
     finally:
         reply.close()
     call.mark_first_byte()
@@ -109,8 +109,8 @@ def settle_json_usage(call: Call, parsed: dict[str, Any], generation: bool) -> N
 def error_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
     """Pass an upstream's OpenAI-shaped 4xx through; wrap anything else in a clean 502."""
     try:
-        raw = reply.raw.read(MAX_ERROR_BODY, decode_content=True) or b""
-    except (urllib3.exceptions.HTTPError, OSError):
+        raw = reply.read(MAX_ERROR_BODY)
+    except (RequestException, OSError):
         raw = b""
     finally:
         reply.close()
@@ -134,10 +134,3 @@ def error_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
         if isinstance(message, str) and message:
             detail = f": {message[:300]}"
     raise UpstreamError(f"The upstream failed with HTTP {reply.status_code}{detail}")
-
-
-def _broken_reply(exc: Exception) -> UpstreamError | UpstreamTimeout:
-    """The error for a reply that broke off before we had all of it."""
-    if isinstance(exc, ReadTimeoutError | TimeoutError):
-        return UpstreamTimeout("The upstream went silent in the middle of its reply.")
-    return UpstreamError("The upstream broke off its reply.")

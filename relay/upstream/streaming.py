@@ -5,14 +5,14 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-import urllib3
+from requests.exceptions import RequestException
 
 from relay.call import Call, Outcome
 from relay.tokens import GENERATION_PATHS
 from relay.upstream import sse
-from relay.upstream.chunked import chunked_body, finish_chunked
 from relay.upstream.client import UpstreamReply, response_headers
 from relay.upstream.disconnect import DisconnectWatch
+from relay.upstream.failures import classify
 from relay.upstream.usage import take_usage
 
 if TYPE_CHECKING:  # the modules below import this one; typing only
@@ -24,7 +24,7 @@ PROGRESS_EVERY = 10.0  # seconds between notes of a running stream's progress
 MAX_AFTER_DONE = 65536  # bytes read (and dropped) after [DONE] before the upstream is cut
 # The streams this worker is relaying, so that a graceful stop can end the last ones cleanly.
 LIVE: "weakref.WeakSet[StreamedBody]" = weakref.WeakSet()
-BROKEN = (urllib3.exceptions.HTTPError, OSError)
+BROKEN = (RequestException, OSError)  # RequestException is an OSError too: said for clarity
 
 
 def streamed_reply(
@@ -92,18 +92,12 @@ class StreamedBody:
     def hang_up(self) -> None:
         """The client left: wake the read blocked on the upstream so the stream ends now."""
         self.client_gone = True
-        try:
-            self.reply.raw.shutdown()
-        except (ValueError, RuntimeError, OSError):
-            self.reply.close()
+        self.reply.shut_down()
 
     def cut(self) -> None:
         """The worker must stop: wake the upstream read so the stream ends with an event."""
         self.cut_short = True
-        try:
-            self.reply.raw.shutdown()
-        except (ValueError, RuntimeError, OSError):
-            self.reply.close()
+        self.reply.shut_down()
 
     def finish(self, outcome: Outcome) -> None:
         """Complete the call once: tokens from the stream, then the usage row."""
@@ -115,21 +109,6 @@ class StreamedBody:
             settle_stream_usage(call, self.tap)
         self.sink.complete(call)
 
-    def _chunks(self) -> Iterator[bytes]:
-        """Upstream body bytes as they arrive: all that one socket read brought."""
-        raw = self.reply.raw
-        body = chunked_body(raw)
-        if body is not None:
-            while data := body.read():
-                yield data
-            finish_chunked(raw, body)
-            return
-        if raw.chunked and raw.supports_chunked_reads():  # compressed: urllib3 decodes
-            yield from raw.read_chunked(None, decode_content=True)
-            return
-        while data := raw.read1(65536, decode_content=True):
-            yield data
-
     def _generate(self) -> Generator[bytes, None, None]:
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
@@ -137,7 +116,7 @@ class StreamedBody:
         after_done = 0
         LIVE.add(self)
         try:
-            for data in self._chunks():
+            for data in self.reply.chunks():
                 if tap is not None and tap.saw_done:
                     # Only the end of the body (its last chunk) should follow; read it so the
                     # connection can be reused, but relay nothing and read no more than a bit.
@@ -185,19 +164,13 @@ class StreamedBody:
         estimate = self.tap.completion_estimate() if self.tap is not None else 0
         self.sink.progress(self.call, estimate)
 
-    def _broken(self, exc: Exception) -> bytes | None:
+    def _broken(self, exc: OSError) -> bytes | None:
         """Complete a stream the upstream (or the client) broke; return the error event to send."""
         if self.client_gone:
             self.finish("client_disconnected")
             return None
-        timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
-        outcome: Outcome = "upstream_timeout" if timed_out else "upstream_dropped"
-        seconds = self.upstreams.config["UPSTREAM_READ_TIMEOUT"]
-        message = (
-            f"The upstream sent nothing for {seconds:g} s; the stream was ended."
-            if timed_out
-            else "The upstream connection broke in the middle of the stream."
-        )
+        failed = classify(exc, "stream", self.upstreams.config["UPSTREAM_READ_TIMEOUT"])
+        outcome, message = failed.outcome, failed.error.message
         if self.cut_short:
             outcome = "shutdown"
             message = "The relay is restarting and could not wait for this stream; retry."
