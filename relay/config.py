@@ -49,6 +49,7 @@ DEFAULTS = {
     "LEGACY_MAX_CHARS": 2000,
     "MAX_BODY_BYTES": 32 * MIB,
     "KEYLESS_MAX_BODY_BYTES": 1 * MIB,  # a body read only to look for the key in it
+    "MAX_REPLY_BYTES": 64 * MIB,  # a whole (non-stream) upstream reply, after decompression
     "UPSTREAM_CONNECT_TIMEOUT": 5.0,
     "UPSTREAM_READ_TIMEOUT": 120.0,
     "UPSTREAM_RETRIES": 2,
@@ -83,6 +84,7 @@ INT_SETTINGS = {
     "LEGACY_MAX_CHARS": (0, None),
     "MAX_BODY_BYTES": (1024, None),
     "KEYLESS_MAX_BODY_BYTES": (1024, None),
+    "MAX_REPLY_BYTES": (65536, None),
     "UPSTREAM_RETRIES": (0, 10),
     "UPSTREAM_POOL_SIZE": (1, None),
     "RESERVE_COMPLETION_TOKENS": (0, None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import select
@@ -11,8 +12,9 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 FAKE_PROMPT_TOKENS = 11
@@ -53,14 +55,21 @@ def _merge(defaults: dict[str, str], extra: dict[str, str] | None) -> dict[str, 
     return {**{k: v for k, v in defaults.items() if k.lower() not in names}, **extra}
 
 
-def _head(status: int, headers: dict[str, str]) -> bytes:
-    """Encode a status line plus headers, ending with the blank line."""
+def _head(status: int, headers: dict[str, str], lines: Iterable[bytes] = ()) -> bytes:
+    """Encode a status line plus headers, ending with the blank line.
+
+    `lines` are raw header lines sent verbatim after the others (invalid ones included); a
+    name they carry replaces the same name in `headers`.
+    """
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = "Unknown"
-    lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines = list(lines)
+    names = {line.partition(b":")[0].strip().lower().decode("latin-1") for line in lines}
+    kept = [f"{k}: {v}" for k, v in headers.items() if k.lower() not in names]
+    head = "\r\n".join([f"HTTP/1.1 {status} {reason}", *kept]).encode("latin-1")
+    return b"\r\n".join([head, *lines]) + b"\r\n\r\n"
 
 
 def _chunk(data: bytes) -> bytes:
@@ -90,6 +99,7 @@ class _Peer:
         self.fake = fake
         self.buf = bytearray()
         self.client_close = False
+        self.behaviour: Behaviour | None = None  # the one answering now, told when the peer leaves
 
     def _fill(self) -> bool:
         """Receive more bytes into the buffer; False on EOF or error."""
@@ -186,7 +196,12 @@ class _Peer:
         self.sock.sendall(data)
 
     def respond(
-        self, status: int, body: bytes, headers: dict[str, str] | None = None, delay=0.0
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        delay=0.0,
+        lines: Iterable[bytes] = (),
     ) -> bool:
         """Send a Content-Length framed response after delay; True if it was sent."""
         if delay and self.wait(delay) != "timeout":
@@ -194,7 +209,7 @@ class _Peer:
         final = _merge({"Content-Length": str(len(body))}, headers)
         if self.client_close:
             final["Connection"] = "close"
-        self.send(_head(status, final) + body)
+        self.send(_head(status, final, lines) + body)
         return True
 
     def respond_json(self, status: int, obj: object, headers: dict[str, str] | None = None) -> bool:
@@ -239,6 +254,7 @@ class _Peer:
         drop_after=None,
         hang_after=None,
         first_delay=0.0,
+        lines: Iterable[bytes] = (),
     ) -> bool:
         """Send SSE events one per chunk, then finish, drop (close early) or hang."""
         framing = {"Transfer-Encoding": "chunked"} if chunked else {}
@@ -247,7 +263,7 @@ class _Peer:
         base = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **framing}
         count = min([len(events), *(n for n in (drop_after, hang_after) if n is not None)])
         try:
-            self.send(_head(status, _merge(base, headers)))
+            self.send(_head(status, _merge(base, headers), lines))
             if first_delay and not self._pause(first_delay):
                 return False
             for i, event in enumerate(events[:count]):
@@ -263,7 +279,7 @@ class _Peer:
             if chunked:
                 self.send(b"0\r\n\r\n")
         except OSError:
-            self.fake._log_stream_closed(time.monotonic())
+            self.peer_left()
             return False
         return chunked
 
@@ -271,8 +287,64 @@ class _Peer:
         """Wait mid-stream, logging a peer close in stream_closed; True to go on."""
         state = self.wait(seconds)
         if state == "closed":
-            self.fake._log_stream_closed(time.monotonic())
+            self.peer_left()
         return state == "timeout"
+
+    def peer_left(self) -> None:
+        """Note, in stream_closed and on the running behaviour, that the peer left mid-reply."""
+        when = time.monotonic()
+        self.fake._log_stream_closed(when)
+        if self.behaviour is not None:
+            self.behaviour.note_closed(when)
+
+    def pour(self, data: bytes) -> bool:
+        """Send data mid-reply; False (the peer noted as gone) when it has left or stop()."""
+        try:
+            self.send(data)
+        except OSError:
+            if not self.fake._stopping.is_set():
+                self.peer_left()
+            return False
+        return True
+
+    def endless(self, head: bytes, start: bytes, piece: bytes, burst: int, every: float) -> bool:
+        """Send a chunked body that never ends: `burst` bytes at once, then a piece every
+        `every` seconds, until the peer leaves or stop()."""
+        if not self.pour(head) or not self.pour(_chunk(start)):
+            return False
+        sent = 0
+        while sent < burst:
+            if not self.pour(_chunk(piece)):
+                return False
+            sent += len(piece)
+        while self._pause(every):
+            if not self.pour(_chunk(piece)):
+                return False
+        return False
+
+    def scripted(self, head: bytes, steps: list, chunked: bool) -> bool:
+        """Send head, then each step: bytes as one write (one chunk when chunked), a number
+        as a pause of that many seconds; True when the whole body went out."""
+        if not self.pour(head):
+            return False
+        for step in steps:
+            if isinstance(step, bytes):
+                if not self.pour(_chunk(step) if chunked else step):
+                    return False
+            elif not self._pause(step):
+                return False
+        return self.pour(b"0\r\n\r\n") if chunked else True
+
+    def send_then_hold(self, head: bytes, body: bytes, piece: int = 65536) -> bool:
+        """Send a whole reply, then keep the connection until the peer closes it (noted in
+        stream_closed) or stop(): what a relay that read it only in part must do."""
+        if not self.pour(head):
+            return False
+        for at in range(0, len(body), piece):
+            if not self.pour(body[at : at + piece]):
+                return False
+        self._pause(None)
+        return False
 
     def hold(self, seconds: float) -> bool:
         """Send nothing until seconds pass, the peer leaves or stop(); then close."""
@@ -298,13 +370,28 @@ class Behaviour:
 
     run: Callable[[_Peer, RecordedRequest], bool]
     match: Callable[[RecordedRequest], bool] | None = None
+    closed_at: float | None = None  # when the peer was seen leaving mid-reply (monotonic)
+    _closed: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def note_closed(self, when: float) -> None:
+        """The peer left while this behaviour was answering."""
+        if self.closed_at is None:
+            self.closed_at = when
+        self._closed.set()
+
+    def wait_closed(self, timeout=5.0) -> float | None:
+        """When the peer left while this behaviour answered; None if not within timeout."""
+        self._closed.wait(timeout)
+        return self.closed_at
 
 
-def json_reply(body, status=200, headers=None, delay=0.0, match=None) -> Behaviour:
-    """Answer with a JSON body (bytes are sent as is) after delay seconds."""
+def json_reply(body, status=200, headers=None, delay=0.0, match=None, header_lines=()) -> Behaviour:
+    """Answer with a JSON body (bytes are sent as is) after delay seconds; `header_lines`
+    are raw header lines sent verbatim (see _head)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     final = _merge({"Content-Type": "application/json"}, headers)
-    return Behaviour(lambda peer, req: peer.respond(status, data, final, delay), match)
+    lines = list(header_lines)
+    return Behaviour(lambda peer, req: peer.respond(status, data, final, delay, lines), match)
 
 
 def sse_reply(
@@ -317,8 +404,10 @@ def sse_reply(
     hang_after=None,
     first_delay=0.0,
     match=None,
+    header_lines=(),
 ) -> Behaviour:
-    """Stream events as SSE; first_delay is waited after the headers, before the first event."""
+    """Stream events as SSE; first_delay is waited after the headers, before the first event;
+    `header_lines` are raw header lines sent verbatim (see _head)."""
     options = {
         "interval": interval,
         "status": status,
@@ -327,6 +416,7 @@ def sse_reply(
         "drop_after": drop_after,
         "hang_after": hang_after,
         "first_delay": first_delay,
+        "lines": list(header_lines),
     }
     return Behaviour(lambda peer, req: peer.stream(list(events), **options), match)
 
@@ -352,6 +442,96 @@ def binary_reply(
     """Answer with a binary body."""
     final = _merge({"Content-Type": content_type}, headers)
     return Behaviour(lambda peer, req: peer.respond(status, data, final), match)
+
+
+def _framed_head(
+    status: int, headers: dict[str, str], framing: dict[str, str], lines: Iterable[bytes]
+) -> bytes:
+    """A head with the framing headers, a test's headers over them, and raw lines last."""
+    return _head(status, _merge(framing, headers), lines)
+
+
+def endless_body(
+    content_type="application/json",
+    start=b'{"id":"chatcmpl-endless","object":"chat.completion","padding":"',
+    piece=b"a" * 65536,
+    burst=8 * 1024 * 1024,
+    every=0.05,
+    headers=None,
+    match=None,
+) -> Behaviour:
+    """A chunked reply whose body never ends: `start`, then `burst` bytes as fast as the peer
+    takes them, then a piece every `every` seconds (bytes keep coming, the memory a relay
+    that buffers it all grows by, stays bounded), until the peer closes (noted on the
+    behaviour and in stream_closed)."""
+    framing = {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
+    head = _framed_head(200, headers or {}, framing, ())
+    return Behaviour(lambda peer, req: peer.endless(head, start, piece, burst, every), match)
+
+
+GZIP_BOMB_PREFIX = b'{"id":"chatcmpl-bomb","object":"chat.completion","padding":"'
+
+
+@functools.cache
+def gzip_bomb_body(inflated: int = 300 * 1024 * 1024) -> bytes:
+    """One gzip member (about 300 KB) inflating to GZIP_BOMB_PREFIX and then `inflated`
+    bytes of "a": the start of a JSON object that never ends. Built once (about a second)."""
+    block = b"a" * (1024 * 1024)
+    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(GZIP_BOMB_PREFIX)]
+    parts += [packer.compress(block) for _ in range(inflated // len(block))]
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def gzip_bomb(
+    content_type="application/json", inflated=300 * 1024 * 1024, headers=None, match=None
+) -> Behaviour:
+    """A Content-Length framed `Content-Encoding: gzip` reply of gzip_bomb_body(inflated),
+    then the connection held until the peer closes it (noted on the behaviour)."""
+    body = gzip_bomb_body(inflated)
+    framing = {
+        "Content-Type": content_type,
+        "Content-Encoding": "gzip",
+        "Content-Length": str(len(body)),
+    }
+    head = _framed_head(200, headers or {}, framing, ())
+    return Behaviour(lambda peer, req: peer.send_then_hold(head, body), match)
+
+
+def trickle(
+    body: bytes, every=0.1, content_type="application/json", headers=None, match=None
+) -> Behaviour:
+    """A Content-Length framed reply: the head at once, then the body one byte every
+    `every` seconds; a peer that leaves is noted on the behaviour and in stream_closed."""
+    framing = {"Content-Type": content_type, "Content-Length": str(len(body))}
+    head = _framed_head(200, headers or {}, framing, ())
+    steps: list = []
+    for n in range(len(body)):
+        steps += [every, body[n : n + 1]] if n else [body[:1]]
+    return Behaviour(lambda peer, req: peer.scripted(head, steps, chunked=False), match)
+
+
+def writes(
+    steps,
+    content_type="text/event-stream",
+    chunked=True,
+    status=200,
+    headers=None,
+    header_lines=(),
+    match=None,
+) -> Behaviour:
+    """A reply written exactly as scripted: each bytes step is one write (one chunk when
+    chunked), each number a pause of that many seconds, e.g. [b"data: {...sk-up", 0.05,
+    b'stream..."}\n\n"]. Not chunked: framed by the total Content-Length."""
+    steps = list(steps)
+    framing = {"Content-Type": content_type}
+    if chunked:
+        framing["Transfer-Encoding"] = "chunked"
+    else:
+        framing["Content-Length"] = str(sum(len(s) for s in steps if isinstance(s, bytes)))
+    head = _framed_head(status, headers or {}, framing, header_lines)
+    return Behaviour(lambda peer, req: peer.scripted(head, steps, chunked), match)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -381,6 +561,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             fake._record(req)
             behaviour = fake._take(req)
+            peer.behaviour = behaviour
             keep = behaviour.run(peer, req) if behaviour else fake._default(peer, req)
             if not keep or peer.client_close:
                 return

@@ -151,3 +151,33 @@ class SlowCrowd:
         self._thread.join(timeout=5)
         for client in self.clients:
             client.sock.close()
+
+
+def dechunk(body):
+    """The payload of a chunked body (as much of it as arrived; extensions and trailers
+    skipped)."""
+    out, rest = b"", body
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        try:
+            size = int(size_line.split(b";")[0].strip(), 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += rest[:size]
+        rest = rest[size + 2 :]
+    return out
+
+
+def header_lines(reply):
+    """Every header line of a reply, in order, as (lower-case name, value) pairs (Reply's
+    dict keeps only the last of a repeated name)."""
+    head = reply.raw.partition(b"\r\n\r\n")[0].decode("latin-1")
+    pairs = []
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        pairs.append((name.strip().lower(), value.strip()))
+    return pairs

@@ -150,7 +150,7 @@ class UpstreamAdapter(HTTPAdapter):
     def build_response(self, req: PreparedRequest, resp: Any) -> Response:
         """A Response for urllib3's reply, without parsing its cookies into a jar.
 
-        The relay never passes an upstream's cookies on (client.DROP_RESPONSE) and keeps
+        The relay never passes an upstream's cookies on (client.UPSTREAM_HEADERS) and keeps
         none; requests' own build_response would parse every Set-Cookie into the reply's
         jar and read a text encoding from Content-Type that the relay, passing bytes on,
         never uses.
@@ -189,6 +189,34 @@ def read_body(response: Response, limit: int | None = None) -> bytes:
         raise _body_error(exc) from exc
 
 
+def read_capped(response: Response, cap: int) -> bytes | None:
+    """A reply's whole body, decoded, or None once more than `cap` bytes came (the rest
+    left unread: the caller closes the connection).
+
+    Decoded READ_SIZE bytes at a time (urllib3 inflates no more than it is asked for), so
+    neither an endless body nor a compression bomb grows the worker past `cap`.
+    """
+    raw: HTTPResponse = response.raw
+    try:
+        length = raw.length_remaining
+        if length is not None and length <= cap and not _encoded(raw):
+            return raw.read(None, decode_content=True) or b""  # the common case: one read
+        parts, total = [], 0
+        while data := raw.read(READ_SIZE, decode_content=True):
+            total += len(data)
+            if total > cap:
+                return None
+            parts.append(data)
+        return b"".join(parts)
+    except (HTTPError, OSError) as exc:
+        raise _body_error(exc) from exc
+
+
+def _encoded(raw: HTTPResponse) -> bool:
+    """Whether the body is compressed (its decoded size is not its Content-Length)."""
+    return raw.headers.get("content-encoding", "identity").lower() not in ("identity", "")
+
+
 def body_chunks(response: Response) -> Iterator[bytes]:
     """A reply's body as it arrives: all the bytes one socket read brought."""
     raw: HTTPResponse = response.raw
@@ -200,7 +228,8 @@ def body_chunks(response: Response) -> Iterator[bytes]:
             _release_chunked(raw, body)
             return
         if raw.chunked and raw.supports_chunked_reads():  # compressed: urllib3 decodes
-            yield from raw.read_chunked(None, decode_content=True)
+            # With an amount, each chunk is inflated READ_SIZE bytes at a time: bounded.
+            yield from raw.read_chunked(READ_SIZE, decode_content=True)
             return
         while data := raw.read1(READ_SIZE, decode_content=True):
             yield data
@@ -237,7 +266,7 @@ def _direct_chunked(raw: HTTPResponse) -> ChunkedBody | None:
     fp = getattr(original, "fp", None)
     if not raw.chunked or fp is None or not hasattr(fp, "read1"):
         return None
-    if raw.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+    if _encoded(raw):
         return None
     if getattr(original, "chunk_left", None) is not None:
         return None  # http.client already started on the body

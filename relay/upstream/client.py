@@ -15,59 +15,34 @@ from requests import PreparedRequest, Response
 from requests.structures import CaseInsensitiveDict
 
 from relay.errors import InvalidRequest
-from relay.upstream.adapter import UpstreamAdapter, body_chunks, read_body, shut_down
+from relay.upstream.adapter import UpstreamAdapter, body_chunks, read_body, read_capped, shut_down
+from relay.upstream.redact import REDACTED
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-}
-# Client headers that must not reach the upstream: its key, cookies, where it came from,
-# and framing requests recomputes.
-DROP_REQUEST = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "cookie",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "forwarded",
-    "x-real-ip",
-    "accept-encoding",
-    "openai-organization",
-    "openai-project",
-    "expect",
-}
-# Upstream headers that must not reach the client: framing of a body the relay already
-# decoded, the operator's account identifiers and cookies.
-DROP_RESPONSE = HOP_BY_HOP | {
-    "content-encoding",
-    "content-length",
-    "set-cookie",
-    "openai-organization",
-    "openai-project",
-    "server",
-    "date",
-    "alt-svc",
-    "strict-transport-security",
-    "cf-ray",
-    "cf-cache-status",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "retry-after",
-}
+# Client headers that go up to the upstream: what OpenAI's API reads from a caller.
+# Everything else stays here (an allow-list, not a deny-list: X-HTTP-Method-Override,
+# X-Original-URL, True-Client-IP, cookies, the client's own key, where it came from...);
+# the relay adds the upstream key, Accept-Encoding, and the framing requests computes.
+CLIENT_HEADERS = frozenset(
+    ["content-type", "accept", "user-agent", "openai-beta", "idempotency-key"]
+)
+CLIENT_PREFIXES = ("x-stainless-",)  # the OpenAI SDKs' own telemetry (language, retry count...)
+# Upstream headers that come back to the client; nothing else does (X-Accel-Redirect,
+# Location, Refresh, Access-Control-*, Set-Cookie, the account's rate limits...).
+UPSTREAM_HEADERS = frozenset(
+    [
+        "content-type",
+        "content-disposition",
+        "x-request-id",
+        "openai-processing-ms",
+        "openai-version",
+        "openai-model",
+    ]
+)
+# What gunicorn sends as a header value (its own check, less the tab): anything else would
+# make it answer with its HTML 500 page instead of the reply.
+HEADER_VALUE = re.compile(r"[\x20-\x7e\x80-\xff]*")
+HEADER_CONTROLS = re.compile(r"[^\x20-\x7e\x80-\xff]")
+MAX_REQUEST_ID = 200  # characters of the upstream's x-request-id kept in a usage row
 CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -89,6 +64,10 @@ class UpstreamReply:
     def read(self, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes), decoded (gzip and the like)."""
         return read_body(self.response, limit)
+
+    def read_capped(self, cap: int) -> bytes | None:
+        """The whole body decoded, or None as soon as it passes `cap` bytes."""
+        return read_capped(self.response, cap)
 
     def chunks(self) -> Iterator[bytes]:
         """The body as it arrives, straight off the socket."""
@@ -173,10 +152,19 @@ def request_headers(
     content_type: str | None = None,
     stream: bool = False,
 ) -> dict[str, str]:
-    """Headers for the upstream: the client's minus secrets and framing, plus the upstream key."""
+    """Headers for the upstream: the client's allowed ones, plus the upstream key."""
+    given = list(client_headers)
+    # A header the client names in Connection is hop-by-hop: meant for us, not the upstream.
+    hop = {
+        item.strip().lower()
+        for name, value in given
+        if name.lower() == "connection"
+        for item in value.split(",")
+    }
     headers: dict[str, str] = {}
-    for name, value in client_headers:
-        if name.lower() not in DROP_REQUEST:
+    for name, value in given:
+        lower = name.lower()
+        if (lower in CLIENT_HEADERS or lower.startswith(CLIENT_PREFIXES)) and lower not in hop:
             if "\n" in value or "\r" in value:  # gunicorn never passes one; other servers might
                 raise InvalidRequest("A request header has a line break; it cannot be forwarded.")
             headers[name] = value
@@ -190,9 +178,40 @@ def request_headers(
     return headers
 
 
-def response_headers(upstream_headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Headers to pass back to the client."""
-    return [(n, v) for n, v in upstream_headers.items() if n.lower() not in DROP_RESPONSE]
+def response_headers(
+    upstream_headers: Mapping[str, str], secret: bytes = b""
+) -> list[tuple[str, str]]:
+    """The upstream's allowed headers for the client, each value one gunicorn can send.
+
+    A value with a control byte is dropped (the Content-Type cleaned instead: the client
+    needs one); the upstream key, should a value carry it, is redacted.
+    """
+    key = secret.decode("latin-1")
+    passed = []
+    for name, given in upstream_headers.items():
+        lower = name.lower()
+        if lower not in UPSTREAM_HEADERS:
+            continue
+        value = given
+        if not HEADER_VALUE.fullmatch(value):
+            if lower != "content-type":
+                continue
+            value = HEADER_CONTROLS.sub("", value)
+        if key and key in value:
+            value = value.replace(key, REDACTED.decode())
+        passed.append((name, value))
+    return passed
+
+
+def request_id(upstream_headers: Mapping[str, str], secret: bytes = b"") -> str | None:
+    """The upstream's x-request-id for the usage row: printable, short, never the key."""
+    value = upstream_headers.get("x-request-id")
+    if not value:
+        return None
+    key = secret.decode("latin-1")
+    if key and key in value:
+        value = value.replace(key, REDACTED.decode())
+    return HEADER_CONTROLS.sub("", value)[:MAX_REQUEST_ID] or None
 
 
 def encode_json(value: Any) -> bytes:

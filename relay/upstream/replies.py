@@ -13,8 +13,10 @@ from relay.errors import UpstreamError
 from relay.metering import measure_units, unit_of
 from relay.tokens import GENERATION_PATHS, reply_text
 from relay.upstream import sse
-from relay.upstream.client import UpstreamReply, response_headers
+from relay.upstream.client import UpstreamReply, request_id, response_headers
+from relay.upstream.disconnect import DisconnectWatch
 from relay.upstream.failures import classify
+from relay.upstream.redact import redact, secret_of
 from relay.upstream.routing import Target
 from relay.upstream.streaming import streamed_reply
 from relay.upstream.usage import take_usage
@@ -60,34 +62,49 @@ def respond(
 ) -> Relayed:
     """Turn the upstream's reply into ours, choosing by status and content type."""
     call.status = reply.status_code
-    call.upstream_request_id = reply.headers.get("x-request-id")
+    secret = secret_of(target.api_key)
+    call.upstream_request_id = request_id(reply.headers, secret)
     content_type = reply.headers.get("Content-Type", "")
     if reply.status_code >= 400:
-        return error_reply(call, reply, target)
+        return error_reply(call, reply, target, secret)
     is_sse = content_type.startswith("text/event-stream")
     if "json" in content_type and not is_sse:
-        return json_reply(upstreams, call, reply, target)
+        return json_reply(upstreams, call, reply, secret, environ)
     tap = sse.EventTap(strip_usage_chunk=injected) if is_sse else None
-    headers, body = streamed_reply(upstreams, call, reply, tap, environ, sink)
+    headers, body = streamed_reply(upstreams, call, reply, tap, environ, sink, secret)
     return Relayed(reply.status_code, headers, body, streamed=True)
 
 
-def _redact(raw: bytes, target: Target) -> bytes:
-    """Remove the upstream key from bytes we pass on, should an upstream ever echo it."""
-    secret = target.api_key.encode()
-    return raw.replace(secret, b"[redacted]") if secret in raw else raw
-
-
-def json_reply(upstreams: "Upstreams", call: Call, reply: UpstreamReply, target: Target) -> Relayed:
-    """Read a JSON reply whole and take its usage (or estimate it)."""
+def json_reply(
+    upstreams: "Upstreams",
+    call: Call,
+    reply: UpstreamReply,
+    secret: bytes,
+    environ: dict[str, Any],
+) -> Relayed:
+    """Read a JSON reply whole (at most RELAY_MAX_REPLY_BYTES) and take its usage (or
+    estimate it); a client that leaves meanwhile closes the upstream connection."""
+    cap = upstreams.config["MAX_REPLY_BYTES"]
+    watch = DisconnectWatch(environ, reply.shut_down)
     try:
-        raw = reply.read()
+        raw = reply.read_capped(cap)
     except (RequestException, OSError) as exc:
+        if watch.fired:
+            call.outcome = "client_disconnected"
         raise classify(exc, "body", upstreams.config["UPSTREAM_READ_TIMEOUT"]).error from None
     finally:
-        reply.close()
+        watch.stop()
+        reply.close()  # a reply read only in part closes its connection
+    if raw is None:
+        log.warning("upstream %s sent a reply over %d bytes; cut", call.upstream_name, cap)
+        raise UpstreamError(
+            f"The upstream's reply is larger than the relay accepts ({cap} bytes, "
+            "RELAY_MAX_REPLY_BYTES); it was not passed on."
+        )
     call.mark_first_byte()
-    relayed = Relayed(reply.status_code, response_headers(reply.headers), _redact(raw, target))
+    relayed = Relayed(
+        reply.status_code, response_headers(reply.headers, secret), redact(raw, secret)
+    )
     generation = call.path in GENERATION_PATHS
     if generation or b'"usage"' in raw or unit_of(call.path):
         parsed = relayed.json()
@@ -106,7 +123,7 @@ def settle_json_usage(call: Call, parsed: dict[str, Any], generation: bool) -> N
     measure_units(call, parsed)
 
 
-def error_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
+def error_reply(call: Call, reply: UpstreamReply, target: Target, secret: bytes) -> Relayed:
     """Pass an upstream's OpenAI-shaped 4xx through; wrap anything else in a clean 502."""
     try:
         raw = reply.read(MAX_ERROR_BODY)
@@ -115,7 +132,9 @@ def error_reply(call: Call, reply: UpstreamReply, target: Target) -> Relayed:
     finally:
         reply.close()
     call.mark_first_byte()
-    relayed = Relayed(reply.status_code, response_headers(reply.headers), _redact(raw, target))
+    relayed = Relayed(
+        reply.status_code, response_headers(reply.headers, secret), redact(raw, secret)
+    )
     parsed = relayed.json()
     shaped = parsed is not None and isinstance(parsed.get("error"), dict | str)
     if reply.status_code == 401:

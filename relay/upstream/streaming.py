@@ -2,7 +2,7 @@
 
 import time
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from requests.exceptions import RequestException
@@ -13,6 +13,7 @@ from relay.upstream import sse
 from relay.upstream.client import UpstreamReply, response_headers
 from relay.upstream.disconnect import DisconnectWatch
 from relay.upstream.failures import classify
+from relay.upstream.redact import KeyRedactor
 from relay.upstream.usage import take_usage
 
 if TYPE_CHECKING:  # the modules below import this one; typing only
@@ -34,15 +35,18 @@ def streamed_reply(
     tap: sse.EventTap | None,
     environ: dict[str, Any],
     sink: "CallSink",
+    secret: bytes = b"",
 ) -> tuple[list[tuple[str, str]], "StreamedBody"]:
-    """Headers and body streaming an SSE (tap given) or binary upstream reply as it arrives."""
+    """Headers and body streaming an SSE (tap given) or binary upstream reply as it arrives;
+    `secret` (the upstream key) is redacted from both."""
     call.reply_streamed = True
     upstreams.pacer.start()
     sink.stream_opened(call)  # e.g. the open-streams gauge; completing the call lowers it
-    headers = response_headers(reply.headers)
+    headers = response_headers(reply.headers, secret)
     if tap is not None:
-        headers = [h for h in headers if h[0].lower() != "cache-control"] + STREAM_HEADERS
-    return headers, StreamedBody(upstreams, call, reply, tap, environ, sink)
+        headers += STREAM_HEADERS
+    redactor = KeyRedactor(secret) if secret else None
+    return headers, StreamedBody(upstreams, call, reply, tap, environ, sink, redactor)
 
 
 def cut_all() -> int:
@@ -66,6 +70,7 @@ class StreamedBody:
         tap: sse.EventTap | None,
         environ: dict[str, Any],
         sink: "CallSink",
+        redactor: KeyRedactor | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.call = call
@@ -73,6 +78,7 @@ class StreamedBody:
         self.tap = tap
         self.environ = environ
         self.sink = sink
+        self.redactor = redactor
         self.client_gone = False
         self.cut_short = False  # ended by a shutdown that could not wait for it
         self.progress_at: float | None = None  # when progress was last noted
@@ -112,6 +118,7 @@ class StreamedBody:
     def _generate(self) -> Generator[bytes, None, None]:
         """Pass bytes on; write the row before [DONE]; end a broken stream with an error event."""
         call, tap, pacer = self.call, self.tap, self.upstreams.pacer
+        passed = self._passed()
         watch = DisconnectWatch(self.environ, self.hang_up)
         after_done = 0
         LIVE.add(self)
@@ -124,7 +131,7 @@ class StreamedBody:
                     if after_done > MAX_AFTER_DONE:
                         break
                     continue
-                out = tap.feed(data) if tap is not None else data
+                out = passed(data)
                 if not out:
                     continue
                 call.mark_first_byte()
@@ -137,7 +144,7 @@ class StreamedBody:
                 pause = pacer.pause()
                 if pause and not (tap is not None and tap.saw_done):
                     time.sleep(pause)  # the loop is late: let the next events gather
-            rest = tap.flush() if tap is not None else b""
+            rest = self._rest()
             if rest:
                 call.bytes_out += len(rest)
                 yield rest
@@ -164,6 +171,24 @@ class StreamedBody:
         estimate = self.tap.completion_estimate() if self.tap is not None else 0
         self.sink.progress(self.call, estimate)
 
+    def _passed(self) -> Callable[[bytes], bytes]:
+        """What of each upstream read goes to the client: whole events (tap), the key
+        redacted (redactor), or the bytes as they came."""
+        tap, redactor = self.tap, self.redactor
+        if tap is None:
+            return redactor.feed if redactor is not None else _unchanged
+        if redactor is None:
+            return tap.feed
+        feed = redactor.feed
+        return lambda data: feed(tap.feed(data))
+
+    def _rest(self) -> bytes:
+        """What the tap and the redactor held back when the upstream ended its body."""
+        rest = self.tap.flush() if self.tap is not None else b""
+        if self.redactor is not None:
+            rest = self.redactor.feed(rest) + self.redactor.flush()
+        return rest
+
     def _broken(self, exc: OSError) -> bytes | None:
         """Complete a stream the upstream (or the client) broke; return the error event to send."""
         if self.client_gone:
@@ -181,6 +206,11 @@ class StreamedBody:
             self.call.bytes_out += len(event)
         self.finish(outcome)
         return event
+
+
+def _unchanged(data: bytes) -> bytes:
+    """The bytes as they came (a binary body with no key to look for)."""
+    return data
 
 
 def settle_stream_usage(call: Call, tap: sse.EventTap) -> None:
