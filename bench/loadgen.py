@@ -1,8 +1,5 @@
 """A cheap gevent HTTP/1.1 load generator: SSE streams, non-stream calls, disconnects, soaks."""
 
-import argparse
-import json
-import resource
 import socket
 import sys
 import time
@@ -12,11 +9,19 @@ import gevent
 from gevent import socket as gsocket
 from gevent.pool import Group
 
-from bench.processes import raise_open_files
+from bench.loadcommon import (
+    EventClock,
+    chat_body,
+    chat_headers,
+    close_stream_record,
+    mark_unstarted,
+    new_stream_record,
+    parse_args,
+    run_and_write,
+)
 from bench.summary import ms, percentile
 
 RECV_SIZE = 65536
-DONE_EVENT = b"data: [DONE]"
 
 
 class HttpError(Exception):
@@ -40,21 +45,11 @@ class Target:
 
     def request(self, stream, tag=None):
         """The bytes of one chat completion request."""
-        body = {
-            "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "hello"}],
-            "stream": stream,
-        }
-        extra = ""
-        if tag is not None:
-            body["user"] = tag  # reaches the upstream through proxies that drop extra headers
-            extra = f"X-Bench-Id: {tag}\r\n"
-        data = json.dumps(body).encode()
-        head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
-            f"User-Agent: relay-bench\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
-        )
+        data = chat_body(stream, tag)
+        head = f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        headers = chat_headers(self.key, tag)
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        head += f"Content-Length: {len(data)}\r\n\r\n"
         return head.encode() + data
 
 
@@ -158,47 +153,6 @@ class Connection:
             buffer = buffer[2:]
 
 
-class EventClock:
-    """Counts SSE events as they complete and the largest gap between consecutive ones."""
-
-    __slots__ = ("events", "first", "gap_at", "last", "last_event", "max_gap", "pending", "times")
-
-    def __init__(self, keep_times=False):
-        """Start empty; keep every event's time when asked."""
-        self.times = [] if keep_times else None
-        self.first = None
-        self.last = None
-        self.events = 0
-        self.max_gap = 0.0
-        self.gap_at = None
-        self.pending = b""
-        self.last_event = b""
-
-    def feed(self, now, data):
-        """Take body bytes received at `now`."""
-        if self.first is None:
-            self.first = now
-        pending = self.pending + data if self.pending else data
-        if b"\n\n" not in pending:
-            self.pending = pending
-            return
-        parts = pending.split(b"\n\n")
-        self.pending = parts.pop()
-        if self.last is not None and now - self.last > self.max_gap:
-            self.max_gap = now - self.last
-            self.gap_at = self.events  # index of the first event after the gap
-        self.events += len(parts)
-        self.last_event = parts[-1]
-        self.last = now
-        if self.times is not None:
-            self.times.extend([now] * len(parts))
-
-    @property
-    def done(self):
-        """Whether the last complete event was `data: [DONE]`."""
-        return self.last_event.strip() == DONE_EVENT
-
-
 def one_stream(target, request, timeout, record, keep_times=False):
     """Run one streamed call, filling `record` (times are time.monotonic())."""
     started = time.monotonic()
@@ -218,15 +172,7 @@ def one_stream(target, request, timeout, record, keep_times=False):
     finally:
         if conn is not None:
             conn.close()
-        record["t_end"] = time.monotonic()
-        record["t_first"] = clock.first
-        record["ttfb"] = clock.first - started if clock.first is not None else None
-        record["events"] = clock.events
-        record["max_gap"] = clock.max_gap
-        record["gap_at"] = clock.gap_at
-        if keep_times:
-            record["times"] = [round(t - started, 6) for t in clock.times]
-        record["done"] = clock.done
+        close_stream_record(record, clock, started, keep_times)
 
 
 def run_streams(args, target):
@@ -234,8 +180,7 @@ def run_streams(args, target):
     records = []
     greenlets = []
     for number in range(args.index, args.n, args.step):
-        record = {"i": number, "status": None, "error": None, "t_first": None, "done": False}
-        record.update({"t0": None, "t_end": None, "ttfb": None, "events": 0, "max_gap": 0.0})
+        record = new_stream_record(number)
         records.append(record)
         tag = f"{args.tag_prefix}-{number}" if args.tag_prefix else None
         request = target.request(True, tag)
@@ -247,9 +192,7 @@ def run_streams(args, target):
     remaining = max(0.0, args.t0 + args.deadline - time.monotonic())
     gevent.joinall(greenlets, timeout=remaining)
     gevent.killall([g for g in greenlets if not g.dead], block=True, timeout=5)
-    for record in records:
-        if record["t0"] is None:
-            record["error"] = "deadline (not started)"
+    mark_unstarted(records)
     return {"records": records}
 
 
@@ -485,47 +428,15 @@ def run_disconnect(args, target):
 
 def main(argv=None):
     """Parse options, run one mode, write the JSON result."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["stream", "nonstream", "disconnect", "soak"])
-    parser.add_argument("--url", required=True, help="http://host:port/v1/chat/completions")
-    parser.add_argument("--key", default="x")
-    parser.add_argument("--out", required=True, help="write the JSON result here")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per socket operation")
-    parser.add_argument("--n", type=int, default=0, help="streams, or a cap on non-stream calls")
-    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which streams start")
-    parser.add_argument("--t0", type=float, help="time.monotonic() of the first start")
-    parser.add_argument("--deadline", type=float, default=120.0, help="seconds after t0")
-    parser.add_argument("--index", type=int, default=0, help="this process's share: i %% step")
-    parser.add_argument("--step", type=int, default=1, help="processes sharing the streams")
-    parser.add_argument("--times", action="store_true", help="keep every event's arrival time")
-    parser.add_argument("--tag-prefix", help="tag requests (X-Bench-Id and `user`)")
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=int, default=0, help="untimed calls first")
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--pause", type=float, default=0.2, help="seconds between trials")
-    parser.add_argument("--rate", type=float, default=200.0, help="soak: calls started per second")
-    parser.add_argument("--keys", help="soak: comma list of keys to take turns (default --key)")
-    parser.add_argument("--stream-every", type=int, default=3, help="soak: every Nth call streams")
-    args = parser.parse_args(argv)
-    raise_open_files()
+    args = parse_args(__doc__, ["stream", "nonstream", "disconnect", "soak"], argv)
     target = Target(args.url, args.key)
-    if args.t0 is None:
-        args.t0 = time.monotonic() + 0.1
-    wall = time.monotonic()
     run = {
         "stream": run_streams,
         "nonstream": run_nonstream,
         "disconnect": run_disconnect,
         "soak": run_soak,
     }
-    result = run[args.mode](args, target)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    result["wall_seconds"] = time.monotonic() - wall
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(result, handle)
-    return 0
+    return run_and_write(args, lambda: run[args.mode](args, target))
 
 
 if __name__ == "__main__":

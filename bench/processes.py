@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+from bench.loadcommon import raise_open_files  # noqa: F401 - re-exported for the servers
 from relay.serve.launch import free_port  # noqa: F401 - the relay's own, re-exported here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,12 +100,6 @@ def wait_healthy(proc, port, path, timeout=30.0):
             return
         time.sleep(0.1)
     raise BenchError(f"GET {path} was not 200 within {timeout:g} s:\n{log_tail(proc)}")
-
-
-def raise_open_files():
-    """Lift this process's soft open-files limit to the hard one."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def process_table():
