@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from bench.processes import PYTHON, ROOT
-from bench.scenarios import SCENARIOS
+from bench.scenarios import CLIENTS, SCENARIOS, result_key
 from bench.soak import SOAK, soak_problems
 
 
@@ -110,18 +110,28 @@ def other_load(*results):
     return max(values) if values else None
 
 
+def measured_with(res):
+    """(scenario, client, pair) for every paired scenario a target's results hold."""
+    for scenario in SCENARIOS:
+        for client in CLIENTS:
+            block = res.get(result_key(scenario, client))
+            if block:
+                yield scenario, client, block
+
+
 def blocks(results, scenario):
-    """(target name, direct result, target result) for every target that ran scenario."""
+    """(target name, client, direct result, target result) for each run of the scenario."""
     for name, res in results["targets"].items():
-        block = res.get(scenario)
-        if block:
-            yield name, block["direct"], block["target"]
+        for done, client, block in measured_with(res):
+            if done == scenario:
+                yield name, client, block["direct"], block["target"]
 
 
 def report(results):
     """All figures as Markdown tables."""
     out = []
-    renders = (nonstream_table, streams_table, fidelity_table, disconnect_table, soak_table)
+    renders = (nonstream_table, streams_table, burst_table, fidelity_table, disconnect_table)
+    renders += (soak_table,)
     for render in (*renders, comparison_table):
         text = render(results)
         if text:
@@ -135,6 +145,7 @@ def nonstream_table(results):
     rows = [
         [
             name,
+            client,
             pair(d["c32"]["rps"], t["c32"]["rps"], 0),
             pair(t["c32"]["p50_ms"], t["c32"]["p99_ms"]),
             f"{t['c32']['errors']}/{t['c32']['count']}",
@@ -143,11 +154,11 @@ def nonstream_table(results):
             cores_of(t, "target"),
             other_load(d, t),
         ]
-        for name, d, t in blocks(results, "nonstream")
+        for name, client, d, t in blocks(results, "nonstream")
     ]
     if not rows:
         return None
-    header = ["target", "c32 req/s direct / target", "c32 p50 / p99 ms", "c32 errors"]
+    header = ["target", "client", "c32 req/s direct / target", "c32 p50 / p99 ms", "c32 errors"]
     header += ["c1 p50 ms direct / target", "c1 overhead ms", "target cores"]
     header += ["other users' cores"]
     return table("Non-stream chat (keep-alive clients)", header, rows)
@@ -156,11 +167,12 @@ def nonstream_table(results):
 def streams_table(results):
     """Many concurrent streams: completion, TTFB, gaps, memory and CPU."""
     rows = []
-    for name, d, t in blocks(results, "streams"):
+    for name, client, d, t in blocks(results, "streams"):
         tp = t.get("processes", {}).get("target", {})
         rows.append(
             [
                 name,
+                client,
                 f"{t['ok']}/{t['count']}",
                 t["peak_concurrent"],
                 pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
@@ -191,11 +203,51 @@ def streams_table(results):
         f"Streams ({config['streams']} x {config['stream_seconds']:g} s, "
         f"{config['chunks']} chunks, started over {config['ramp']:g} s)"
     )
-    header = ["target", "ok", "peak open", "TTFB p50 / p99 ms direct", "TTFB p50 / p99 ms"]
-    header += ["delta p50 / p99 ms", "max gap ms direct / target", "RSS idle / peak MiB"]
+    header = ["target", "client", "ok", "peak open", "TTFB p50 / p99 ms direct"]
+    header += ["TTFB p50 / p99 ms", "delta p50 / p99 ms", "max gap ms direct / target"]
+    header += ["RSS idle / peak MiB"]
     header += ["target cores", "target CPU us/event", "open files per process (peak)"]
     header += ["upstream cores", "loadgen cores"]
     header += ["other users' cores", "failures"]
+    return table(title, header, rows)
+
+
+def burst_table(results):
+    """Streams opened all at once: how many completed, TTFB, the target's CPU per stream, RSS."""
+    rows = []
+    for name, client, d, t in blocks(results, "burst"):
+        tp = t.get("processes", {}).get("target", {})
+        rows.append(
+            [
+                name,
+                client,
+                f"{t['ok']}/{t['count']}",
+                t["peak_concurrent"],
+                pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
+                pair(t["ttfb_p50_ms"], t["ttfb_p99_ms"]),
+                pair(
+                    diff(d["ttfb_p50_ms"], t["ttfb_p50_ms"]),
+                    diff(d["ttfb_p99_ms"], t["ttfb_p99_ms"]),
+                ),
+                fmt(t.get("cpu_ms_per_stream"), 2),
+                pair(tp.get("rss_start_mib"), tp.get("rss_peak_mib")),
+                tp.get("cores"),
+                " ".join(fmt(p["cores"], 2) for p in t["loadgen"]),
+                other_load(d, t),
+                ", ".join(f"{k} {v}" for k, v in t["failures"].items()) or "-",
+            ]
+        )
+    if not rows:
+        return None
+    config = results["config"]
+    title = (
+        f"Burst ({config['burst']} streams of {config['stream_seconds']:g} s opened at once, "
+        f"{config['chunks']} chunks; load generator processes: {config['burst_procs']})"
+    )
+    header = ["target", "client", "completed", "peak open", "TTFB p50 / p99 ms direct"]
+    header += ["TTFB p50 / p99 ms", "delta p50 / p99 ms", "target CPU ms/stream"]
+    header += ["RSS idle / peak MiB", "target cores", "loadgen cores", "other users' cores"]
+    header += ["failures"]
     return table(title, header, rows)
 
 
@@ -204,6 +256,7 @@ def fidelity_table(results):
     rows = [
         [
             name,
+            client,
             f"{t['ok']}/{t['count']}",
             pair(d["max_gap_max_ms"], d["max_gap_p99_ms"]),
             pair(t["max_gap_max_ms"], t["max_gap_p99_ms"]),
@@ -216,7 +269,7 @@ def fidelity_table(results):
             pair(d.get("end_gap_max_ms"), t.get("end_gap_max_ms")),
             other_load(d, t),
         ]
-        for name, d, t in blocks(results, "fidelity")
+        for name, client, d, t in blocks(results, "fidelity")
     ]
     if not rows:
         return None
@@ -225,7 +278,7 @@ def fidelity_table(results):
         f"Stream fidelity (20 streams, chunks {gap:g} ms apart; per stream its largest gap "
         "between events; 'end gap' = last content chunk to the finishing chunk)"
     )
-    header = ["target", "ok", "direct max / p99 ms", "target max / p99 ms"]
+    header = ["target", "client", "ok", "direct max / p99 ms", "target max / p99 ms"]
     header += ["delta max / p99 ms", "content-only max ms direct / target"]
     header += ["end gap p50 ms direct / target", "end gap max ms direct / target"]
     header += ["other users' cores"]
@@ -237,18 +290,19 @@ def disconnect_table(results):
     rows = [
         [
             name,
+            client,
             f"{t['noticed']}/{t['trials']}",
             pair(d["p50_ms"], d["max_ms"], 2),
             pair(t["p50_ms"], t["max_ms"], 2),
             ", ".join(f"{k} {v}" for k, v in t["how"].items()) or "-",
             other_load(d, t),
         ]
-        for name, d, t in blocks(results, "disconnect")
+        for name, client, d, t in blocks(results, "disconnect")
     ]
     if not rows:
         return None
     title = "Disconnect (client closes after the first event; until the upstream sees it)"
-    header = ["target", "noticed", "direct p50 / max ms", "target p50 / max ms"]
+    header = ["target", "client", "noticed", "direct p50 / max ms", "target p50 / max ms"]
     header += ["how the upstream saw it", "other users' cores"]
     return table(title, header, rows)
 
@@ -286,7 +340,7 @@ def soak_table(results):
         f"Soak ({shape['rate']:g} calls/s for {shape['seconds']:g} s, one in "
         f"{shape['stream_every']} a stream of {shape['chunks']} chunks "
         f"{shape['chunk_delay_ms']:g} ms apart, {shape['keys']} keys; relay RSS averaged over "
-        f"the first and the last {shape['rss_window_s']:g} s)"
+        f"the first and the last {shape['rss_window_s']:g} s; gevent client)"
     )
     header = ["target", "calls sent", "ok / cut / failed", "usage rows / calls"]
     header += ["tokens rows / keys", "RSS first / last MiB", "RSS growth MiB"]
@@ -339,7 +393,13 @@ COMPARED = [
         lambda r: _at(r, "streams", "target", "processes", "target", "rss_peak_mib"),
     ),
     ("disconnect p50 ms", 2, lambda r: _at(r, "disconnect", "target", "p50_ms")),
+    ("CPU ms per burst stream", 2, lambda r: _at(r, "burst", "target", "cpu_ms_per_stream")),
 ]
+
+
+def client_view(res, client):
+    """A target's results as one client measured them: {scenario: pair} (COMPARED reads it)."""
+    return {scenario: res.get(result_key(scenario, client)) for scenario in SCENARIOS}
 
 
 def comparison_table(results):
@@ -352,14 +412,16 @@ def comparison_table(results):
         groups.setdefault(name.split(" #")[0], []).append(res)
     rows = []
     for name, runs in groups.items():
-        row = [name, str(len(runs))]
-        for _header, digits, figure in COMPARED:
-            values = [figure(run) for run in runs if not run.get("error")]
-            shown = ", ".join(fmt(v, digits) for v in values)
-            middle = _median(values)
-            row.append(f"**{fmt(middle, digits)}** ({shown})" if middle is not None else "-")
-        rows.append(row)
-    header = ["target", "rounds", *(c[0] for c in COMPARED)]
+        for client in config.get("clients", ["gevent"]):
+            views = [client_view(run, client) for run in runs if not run.get("error")]
+            row = [name, client, str(len(runs))]
+            for _header, digits, figure in COMPARED:
+                values = [figure(view) for view in views]
+                shown = ", ".join(fmt(v, digits) for v in values)
+                middle = _median(values)
+                row.append(f"**{fmt(middle, digits)}** ({shown})" if middle is not None else "-")
+            rows.append(row)
+    header = ["target", "client", "rounds", *(c[0] for c in COMPARED)]
     title = "Targets compared (median over the rounds, bold; then each round, in run order)"
     return table(title, header, rows)
 
@@ -368,13 +430,13 @@ def profiles(results):
     """py-spy summaries, when profiles were taken: lines of text."""
     out = []
     for name, res in results["targets"].items():
-        for scenario in (*SCENARIOS, SOAK):
-            profile = ((res.get(scenario) or {}).get("target") or {}).get("profile")
+        runs = [(f"{s} ({c} client)", block) for s, c, block in measured_with(res)]
+        runs.append((SOAK, res.get(SOAK)))
+        for what, block in runs:
+            profile = ((block or {}).get("target") or {}).get("profile")
             if not profile:
                 continue
-            out.append(
-                f"\nProfile of {name} workers during {scenario} ({profile['samples']} samples)"
-            )
+            out.append(f"\nProfile of {name} workers during {what} ({profile['samples']} samples)")
             out.append("  own time:")
             out += [f"    {pct:5.1f}%  {frame}" for pct, frame in profile["own"][:10]]
             out.append("  inclusive (relay-side frames):")
@@ -388,22 +450,25 @@ def functional_failures(results):
     for name, res in results["targets"].items():
         if res.get("error"):
             problems.append(f"{name}: {res['error'].splitlines()[0]}")
-        for scenario in ("streams", "fidelity"):
+        for scenario, client, pair_ in measured_with(res):
             for side in ("direct", "target"):
-                block = (res.get(scenario) or {}).get(side)
-                if block and block["failed"]:
-                    problems.append(f"{name} {scenario} ({side}): {block['failures']}")
-        for side in ("direct", "target"):
-            block = (res.get("nonstream") or {}).get(side)
-            for level in ("c32", "c1"):
-                part = (block or {}).get(level)
-                if part and (part["errors"] or part["ok"] != part["count"] or not part["count"]):
-                    problems.append(
-                        f"{name} nonstream {level} ({side}): {part['errors']} errors, "
-                        f"{part['ok']}/{part['count']} ok"
-                    )
-            block = (res.get("disconnect") or {}).get(side)
-            if block and block["errors"]:
-                problems.append(f"{name} disconnect ({side}): {block['error_samples']}")
+                what = f"{name} {scenario} ({side}, {client} client)"
+                problems += side_failures(what, scenario, pair_[side])
         problems += [f"{name} {problem}" for problem in soak_problems(res)]
+    return problems
+
+
+def side_failures(what, scenario, block):
+    """The functional failures of one side of one scenario, each named `what`."""
+    if scenario in ("streams", "fidelity", "burst"):
+        return [f"{what}: {block['failures']}"] if block["failed"] else []
+    if scenario == "disconnect":
+        return [f"{what}: {block['error_samples']}"] if block["errors"] else []
+    problems = []
+    for level in ("c32", "c1"):
+        part = block.get(level)
+        if part and (part["errors"] or part["ok"] != part["count"] or not part["count"]):
+            problems.append(
+                f"{what} {level}: {part['errors']} errors, {part['ok']}/{part['count']} ok"
+            )
     return problems

@@ -13,13 +13,20 @@ import traceback
 
 from bench.processes import ROOT, BenchError, Processes
 from bench.report import checkout_info, functional_failures, machine_info, report
-from bench.scenarios import SCENARIOS, Bench
+from bench.scenarios import (
+    CLIENTS,
+    DEFAULT_SCENARIOS,
+    SCENARIOS,
+    Bench,
+    client_versions,
+    result_key,
+)
 from bench.soak import SOAK, run_soak, soak_config, soak_problems, soak_upstream
 from bench.targets import Direct, OpenAIForward, Relay, Upstream
 
 
 def run_target(bench, target, direct, scenarios):
-    """Start a target, run the scenarios (each on direct first), stop it."""
+    """Start a target, run the scenarios (each with each client, on direct first), stop it."""
     args = bench.args
     out = {}
     bench.say(f"{target.name}: starting")
@@ -27,21 +34,13 @@ def run_target(bench, target, direct, scenarios):
     try:
         slug = re.sub(r"[^a-z0-9]+", "", target.name.lower())
         for scenario in scenarios:
-            pair = {}
-            for side, who in (("direct", direct), ("target", target)):
-                bench.say(f"{target.name}: {scenario} via {who.name}")
-                tag = f"bench-{slug}-{side}"
-                if scenario == "nonstream":
-                    pair[side] = bench.nonstream(who)
-                elif scenario == "streams":
-                    pair[side] = bench.streams(
-                        who, args.streams, args.ramp, args.stream_seconds, args.loadgen_procs
-                    )
-                elif scenario == "fidelity":
-                    pair[side] = bench.streams(who, 20, 0.0, args.stream_seconds, 1, times=True)
-                elif scenario == "disconnect":
-                    pair[side] = bench.disconnect(who, args.trials, f"{tag}-dc")
-            out[scenario] = pair
+            for client in args.clients:
+                pair = {}
+                for side, who in (("direct", direct), ("target", target)):
+                    bench.say(f"{target.name}: {scenario} via {who.name} ({client} client)")
+                    tag = f"bench-{slug}-{side}-{client}"
+                    pair[side] = run_scenario(bench, scenario, who, client, tag)
+                out[result_key(scenario, client)] = pair
     finally:
         bench.say(f"{target.name}: stopping")
         target.stop()
@@ -49,6 +48,22 @@ def run_target(bench, target, direct, scenarios):
         if isinstance(target, Relay):
             target.drop()
     return out
+
+
+def run_scenario(bench, scenario, who, client, tag):
+    """One side (direct or a target) of one paired scenario, driven by one client."""
+    args = bench.args
+    if scenario == "nonstream":
+        return bench.nonstream(who, client)
+    if scenario == "streams":
+        return bench.streams(
+            who, args.streams, args.ramp, args.stream_seconds, args.loadgen_procs, client=client
+        )
+    if scenario == "fidelity":
+        return bench.streams(who, 20, 0.0, args.stream_seconds, 1, times=True, client=client)
+    if scenario == "burst":
+        return bench.burst(who, args.burst, args.stream_seconds, args.burst_procs, client)
+    return bench.disconnect(who, args.trials, f"{tag}-dc", client)
 
 
 def run_paired(args, procs, workdir, results, scenarios):
@@ -117,9 +132,21 @@ def parse_args(argv):
     parser.add_argument(
         "--scenario",
         default="all",
-        help=f"all (= {', '.join(SCENARIOS)}), or a comma list of those and {SOAK}",
+        help=f"all (= {', '.join(DEFAULT_SCENARIOS)}), or a comma list of those, burst and {SOAK}",
+    )
+    parser.add_argument(
+        "--client",
+        default="gevent",
+        help="load generator: gevent, aiohttp, or gevent,aiohttp (each paired scenario with each)",
+    )
+    parser.add_argument(
+        "--aiohttp-python",
+        metavar="PATH",
+        default="/tmp/bench-venv/bin/python",  # noqa: S108 - the README's throwaway venv
+        help="the interpreter (with aiohttp) that runs the aiohttp client",
     )
     parser.add_argument("--streams", type=int, default=2000, help="concurrent streams")
+    parser.add_argument("--burst", type=int, default=2000, help="burst: streams opened at once")
     parser.add_argument("--stream-seconds", type=float, default=10.0, help="length of a stream")
     parser.add_argument("--chunks", type=int, default=100, help="content chunks per stream")
     parser.add_argument("--ramp", type=float, help="seconds over which streams start")
@@ -169,15 +196,25 @@ def parse_args(argv):
         parser.error("--rounds must be at least 1")
     if args.smoke:
         args.streams = min(args.streams, 50)
+        args.burst = min(args.burst, 50)
         args.stream_seconds = 1.0
         args.trials = 3
         args.nonstream_seconds = 10.0
         args.c1_seconds = 10.0
     if args.ramp is None:
         args.ramp = min(args.stream_seconds / 2, 5.0)
+    # Given: every stream scenario uses it; else 2 processes above 500 streams, as ever.
+    args.burst_procs = args.loadgen_procs or (2 if args.burst > 500 else 1)
     if args.loadgen_procs is None:
         args.loadgen_procs = 2 if args.streams > 500 else 1
-    chosen = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
+    args.clients = list(dict.fromkeys(c.strip() for c in args.client.split(",") if c.strip()))
+    if os.sep in args.aiohttp_python:  # a path, not a name looked up in PATH
+        args.aiohttp_python = os.path.abspath(args.aiohttp_python)
+    if not args.clients or set(args.clients) - set(CLIENTS):
+        parser.error(f"--client takes {', '.join(CLIENTS)} or a comma list of them")
+    if args.burst < 1:
+        parser.error("--burst must be at least 1")
+    chosen = DEFAULT_SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
     unknown = [s for s in chosen if s not in (*SCENARIOS, SOAK)]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}")
@@ -199,6 +236,11 @@ def parse_args(argv):
 def main(argv=None):
     """Run everything, print the tables, write JSON; non-zero only on functional failure."""
     args = parse_args(argv)
+    try:
+        versions = client_versions(args)  # before anything starts: fail fast and clearly
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Ctrl-C must reach us even when started in the background (where SIGINT is ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -214,6 +256,10 @@ def main(argv=None):
             "chunks": args.chunks,
             "upstream_procs": args.upstream_procs,
             "loadgen_procs": args.loadgen_procs,
+            "burst": args.burst,
+            "burst_procs": args.burst_procs,
+            "clients": args.clients,
+            "client_versions": versions,
             "scenarios": args.scenarios,
             "workers": args.models,
             "stores": ["sqlite" if s is None else "postgresql" for s in args.postgres_stores],

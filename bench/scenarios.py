@@ -13,7 +13,39 @@ from bench.processes import PYTHON, BenchError, Monitor, log_tail, process_table
 from bench.summary import ms, percentile, summarize_profile, summarize_streams
 from bench.targets import Direct, EventLog
 
-SCENARIOS = ("nonstream", "fidelity", "disconnect", "streams")
+SCENARIOS = ("nonstream", "fidelity", "disconnect", "streams", "burst")
+# What `all` (and so --smoke) runs: a burst is asked for by name, like the soak.
+DEFAULT_SCENARIOS = ("nonstream", "fidelity", "disconnect", "streams")
+# The load generators: client name -> module (each run by its own interpreter, see Bench).
+CLIENTS = {"gevent": "bench.loadgen", "aiohttp": "bench.aioload"}
+VENV_HINT = "python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install aiohttp py-spy"
+
+
+def result_key(scenario, client):
+    """Where a target's results keep a scenario's pair when measured with a client."""
+    # gevent's under the scenario's own name, as before clients could be chosen.
+    return scenario if client == "gevent" else f"{scenario}@{client}"
+
+
+def client_versions(args):
+    """{client: version} of each client asked for; BenchError when one cannot be imported."""
+    versions = {}
+    for client in args.clients:
+        python = PYTHON if client == "gevent" else args.aiohttp_python
+        code = f"import sys, {client}; print({client}.__version__, sys.version.split()[0])"
+        try:
+            done = subprocess.run(
+                [python, "-c", code], capture_output=True, text=True, timeout=60, check=False
+            )
+        except OSError as exc:
+            raise BenchError(f"--client {client}: cannot run {python}: {exc}") from None
+        if done.returncode:
+            said = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            hint = f"; make one with `{VENV_HINT}`" if client == "aiohttp" else ""
+            raise BenchError(f"--client {client}: {python} cannot import {client} ({said}){hint}")
+        version, python_version = done.stdout.split()
+        versions[client] = {"version": version, "python": python_version, "interpreter": python}
+    return versions
 
 
 class Bench:
@@ -35,15 +67,17 @@ class Bench:
         stamp = dt.datetime.now().strftime("%H:%M:%S")
         print(f"[{stamp}] {text}", file=sys.stderr, flush=True)
 
-    def loadgen(self, target, mode, options, procs=1, timeout=600.0):
-        """Run bench.loadgen (in `procs` processes sharing the work) and return the results."""
+    def loadgen(self, target, mode, options, procs=1, timeout=600.0, client="gevent"):
+        """Run a client's load generator (in `procs` processes sharing the work); its results."""
         self.runs += 1
         outputs, started = [], []
+        # aiohttp runs from its own venv: the bench's has no aiohttp, that one has no gevent.
+        python = PYTHON if client == "gevent" else self.args.aiohttp_python
         try:
             for index in range(procs):
-                name = f"{self.prefix}-{self.runs}-{index}"
+                name = f"{self.prefix}-{client}-{self.runs}-{index}"
                 out = os.path.join(self.workdir, f"{name}.json")
-                argv = [PYTHON, "-m", "bench.loadgen", mode, "--url", target.url]
+                argv = [python, "-m", CLIENTS[client], mode, "--url", target.url]
                 argv += ["--key", target.key, "--out", out, *options]
                 if procs > 1:
                     argv += ["--index", str(index), "--step", str(procs)]
@@ -60,7 +94,7 @@ class Bench:
         results = []
         for proc, out in zip(started, outputs, strict=True):
             if proc.returncode != 0 or not os.path.exists(out):
-                raise BenchError(f"the load generator failed:\n{log_tail(proc)}")
+                raise BenchError(f"the {client} load generator failed:\n{log_tail(proc)}")
             with open(out, encoding="utf-8") as handle:
                 results.append(json.load(handle))
         return results
@@ -115,7 +149,7 @@ class Bench:
 
     # -- non-stream
 
-    def nonstream(self, target):
+    def nonstream(self, target, client="gevent"):
         """Throughput at concurrency 32 and latency at concurrency 1."""
         args = self.args
 
@@ -130,9 +164,9 @@ class Bench:
             if args.smoke:
                 c32 += ["--n", "200"]
                 c1 += ["--n", "50"]
-            high = self.loadgen(target, "nonstream", c32)[0]
-            one = self.loadgen(target, "nonstream", c1)[0]
-            return {"c32": high, "c1": one}
+            high = self.loadgen(target, "nonstream", c32, client=client)[0]
+            one = self.loadgen(target, "nonstream", c1, client=client)[0]
+            return {"client": client, "c32": high, "c1": one}
 
         result = self.measured(target, run, "nonstream")
         spent = result["processes"].get("target")
@@ -144,41 +178,57 @@ class Bench:
 
     # -- streams
 
-    def streams(self, target, count, ramp, seconds, loadgen_procs, times=False):
+    def streams(
+        self, target, count, ramp, seconds, loadgen_procs, times=False, client="gevent", label=None
+    ):
         """`count` streams started over `ramp` seconds, all through one schedule."""
+        label = label or ("streams" if count > 20 else "fidelity")  # names py-spy's files
         deadline = ramp + seconds * 2 + 15
 
         def run():
             """Start the load generators on a common clock and gather every stream's record."""
-            t0 = time.monotonic() + 1.5  # the generators import gevent meanwhile
+            t0 = time.monotonic() + 1.5  # the generators import gevent or aiohttp meanwhile
             options = ["--n", str(count), "--ramp", f"{ramp:g}", "--t0", repr(t0)]
             options += ["--deadline", f"{deadline:g}", "--timeout", "60"]
             if times or count <= 500:
                 options.append("--times")
             parts = self.loadgen(
-                target, "stream", options, procs=loadgen_procs, timeout=deadline + 30
+                target, "stream", options, procs=loadgen_procs, timeout=deadline + 30, client=client
             )
             records = [r for part in parts for r in part["records"]]
-            return summarize_streams(records, parts)
+            return {"client": client, **summarize_streams(records, parts)}
 
-        result = self.measured(target, run, "streams" if count > 20 else "fidelity")
+        result = self.measured(target, run, label)
         cpu = result["processes"].get("target", result["processes"]["upstream"])["cpu_seconds"]
         if result["events_total"]:
             result["cpu_us_per_event"] = round(cpu / result["events_total"] * 1e6, 1)
         return result
 
+    # -- burst
+
+    def burst(self, target, count, seconds, loadgen_procs, client="gevent"):
+        """`count` streams opened all at once (no ramp): the streams path with ramp 0."""
+        result = self.streams(
+            target, count, 0.0, seconds, loadgen_procs, client=client, label="burst"
+        )
+        spent = result["processes"].get("target", result["processes"]["upstream"])
+        if result["count"]:
+            # Everything the target did for the burst, per stream asked for.
+            result["cpu_ms_per_stream"] = round(spent["cpu_seconds"] / result["count"] * 1e3, 2)
+        return result
+
     # -- disconnect
 
-    def disconnect(self, target, trials, tag):
+    def disconnect(self, target, trials, tag, client="gevent"):
         """Close after the first event; the upstream's record says when it noticed."""
 
         def run():
             """Trials, then match the upstream's hang-up records by tag."""
             options = ["--trials", str(trials), "--tag-prefix", tag, "--timeout", "30"]
-            result = self.loadgen(target, "disconnect", options)[0]
+            result = self.loadgen(target, "disconnect", options, client=client)[0]
             wait = max(1.0, 3 * self.upstream.chunk_delay) + 0.5
             time.sleep(wait)
-            return {"wait_s": wait, "trials": result["trials"]}
+            return {"client": client, "wait_s": wait, "trials": result["trials"]}
 
         result = self.measured(target, run)
         seen = {e["tag"]: e for e in self.events.entries if e.get("tag")}

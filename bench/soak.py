@@ -40,6 +40,7 @@ def run_soak(bench, relay):
     except (sqlite3.Error, psycopg.Error) as exc:
         result["books_error"] = str(exc)
     result["problems"] = problems(result)
+    result["client"] = "gevent"  # whatever --client says: aioload has no soak mode
     return {"target": result}
 
 
