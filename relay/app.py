@@ -16,7 +16,7 @@ from relay.serve import cli
 from relay.state import EXTENSION, RelayState
 from relay.store import Pricing, Store, StoreError
 from relay.upstream import Upstreams
-from relay.web import admin, health, keyholder, language, metrics
+from relay.web import admin, health, keyholder, language, metrics, sessions
 
 # What opening the store can raise: the engines' errors, or the file system's.
 OPEN_ERRORS: tuple[type[Exception], ...] = (*StoreError, OSError)
@@ -58,6 +58,7 @@ def create_app(test_config: dict[str, Any] | None = None, migrate: bool = True) 
     language.init_app(app)
     admin.init_app(app)
     keyholder.init_app(app)
+    sessions.init_app(app)
     cli.init_app(app)
     return app
 

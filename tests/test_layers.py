@@ -106,7 +106,6 @@ def test_no_cycle_between_the_parts():
         ("requests", "relay/upstream/"),
         # requests hands urllib3 over in one place: the adapter's pool and Response.raw.
         ("urllib3", "relay/upstream/adapter.py"),
-        ("gevent.socket", "relay/upstream/"),
     ],
 )
 def test_network_libraries_stay_in_the_upstream_layer(library, home):

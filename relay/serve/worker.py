@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 from gunicorn.http.wsgi import Response, default_environ
 from gunicorn.workers import ggevent
 
+from relay.serve.one_write import OneWriteResponse
 from relay.serve.refusals import BODY_ERRORS, HeadTimeout, Refusal, refusal_for
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class GeventWorker(ggevent.GeventWorker):
     def run(self) -> None:
         """Serve as gunicorn does; its run() builds each listener's server by this module name."""
         ggevent.StreamServer = BatchAcceptServer
+        wsgi.Response = OneWriteResponse  # what wsgi.create builds for HTTP/1 requests
         gevent.spawn(self._end_streams_before_the_kill)
         super().run()
 

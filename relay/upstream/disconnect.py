@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.socket import wait_read
 
 from relay.runtime import gevent_active
 
@@ -19,12 +18,13 @@ def client_socket(environ: dict[str, Any]) -> socket.socket | None:
 
 
 class DisconnectWatch:
-    """Watches the client's socket in a greenlet and calls back when the client has gone.
+    """Watches the client's socket from gevent's loop and calls back when the client has gone.
 
     A WSGI app normally learns of a disconnect only when a write fails, one or two
     chunk intervals later; watching for EOF lets the relay close the upstream
     within milliseconds. Without gevent (tests' Flask client, other servers) it
-    does nothing and the write failure path still applies.
+    does nothing and the write failure path still applies. The watch is an I/O watcher
+    on the event loop, not a greenlet: nothing is spawned or switched to per call.
 
     An EOF already there when the watch starts is a client that half-closed its side
     after sending the request (HTTP allows it; `nc -N`, some HTTP/1.0 clients), still
@@ -32,40 +32,55 @@ class DisconnectWatch:
     the watch, when a write to it fails. An EOF that comes later is a hang-up.
     """
 
+    __slots__ = ("_on_disconnect", "_plain", "_watcher", "fired")
+
     def __init__(self, environ: dict[str, Any], on_disconnect: Callable[[], None]) -> None:
-        self._greenlet: Any = None
+        self._watcher: Any = None
         self.fired = False  # the client left and on_disconnect was called
         sock = client_socket(environ)
         if sock is None or not gevent_active():
             return
-        self._greenlet = gevent.spawn(self._watch, sock, on_disconnect)
-
-    def _watch(self, sock: socket.socket, on_disconnect: Callable[[], None]) -> None:
-        """Wait until the socket is readable; EOF (or an error) then means the client left."""
-        plain = getattr(sock, "_sock", sock)  # gevent's socket would wait; its own one won't
-        try:
-            if plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                return  # half-closed before we answered: not a hang-up
-        except BlockingIOError:
-            pass  # nothing to read: the usual case, wait for what comes
-        except OSError:
-            self._fire(on_disconnect)
+        # gevent's socket would wait for data; its own socket answers at once.
+        self._plain = getattr(sock, "_sock", sock)
+        self._on_disconnect = on_disconnect
+        state = self._peek()
+        if state is not None:  # data (a pipelined request) or an EOF already: no watch
+            if state == "gone":
+                self._fire()
             return
-        try:
-            wait_read(sock.fileno())
-            data = sock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            data = b""
-        if not data:  # data would be a pipelined request: the client is still there
-            self._fire(on_disconnect)
+        self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+        self._watcher.start(self._readable)
 
-    def _fire(self, on_disconnect: Callable[[], None]) -> None:
+    def _peek(self) -> str | None:
+        """None while nothing is readable; "data", "eof" (half-closed), or "gone" (error)."""
+        try:
+            data = self._plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "gone"
+        return "data" if data else "eof"
+
+    def _readable(self) -> None:
+        """In the event loop: the socket became readable; EOF or an error means a hang-up
+        (data would be a pipelined request: the client is still there)."""
+        state = self._peek()
+        if state is None:
+            return  # woken for nothing: keep watching
+        self.stop()
+        if state != "data":
+            try:
+                self._fire()
+            except Exception:  # the loop must go on whatever the callback does
+                log.exception("disconnect callback failed")
+
+    def _fire(self) -> None:
         """Note the hang-up and call back."""
         self.fired = True
-        on_disconnect()
+        self._on_disconnect()
 
     def stop(self) -> None:
-        """Stop watching (the stream ended on its own)."""
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-            self._greenlet = None
+        """Stop watching (the call ended on its own)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
