@@ -164,6 +164,19 @@ def nonstream_table(results):
     return table("Non-stream chat (keep-alive clients)", header, rows)
 
 
+def stream_start_columns(name, client, d, t):
+    """The columns the streams and burst tables share: who, how many, and TTFB against direct."""
+    return [
+        name,
+        client,
+        f"{t['ok']}/{t['count']}",
+        t["peak_concurrent"],
+        pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
+        pair(t["ttfb_p50_ms"], t["ttfb_p99_ms"]),
+        pair(diff(d["ttfb_p50_ms"], t["ttfb_p50_ms"]), diff(d["ttfb_p99_ms"], t["ttfb_p99_ms"])),
+    ]
+
+
 def streams_table(results):
     """Many concurrent streams: completion, TTFB, gaps, memory and CPU."""
     rows = []
@@ -171,16 +184,7 @@ def streams_table(results):
         tp = t.get("processes", {}).get("target", {})
         rows.append(
             [
-                name,
-                client,
-                f"{t['ok']}/{t['count']}",
-                t["peak_concurrent"],
-                pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
-                pair(t["ttfb_p50_ms"], t["ttfb_p99_ms"]),
-                pair(
-                    diff(d["ttfb_p50_ms"], t["ttfb_p50_ms"]),
-                    diff(d["ttfb_p99_ms"], t["ttfb_p99_ms"]),
-                ),
+                *stream_start_columns(name, client, d, t),
                 pair(d["max_gap_max_ms"], t["max_gap_max_ms"], 0),
                 pair(tp.get("rss_start_mib"), tp.get("rss_peak_mib")),
                 tp.get("cores"),
@@ -219,16 +223,7 @@ def burst_table(results):
         tp = t.get("processes", {}).get("target", {})
         rows.append(
             [
-                name,
-                client,
-                f"{t['ok']}/{t['count']}",
-                t["peak_concurrent"],
-                pair(d["ttfb_p50_ms"], d["ttfb_p99_ms"]),
-                pair(t["ttfb_p50_ms"], t["ttfb_p99_ms"]),
-                pair(
-                    diff(d["ttfb_p50_ms"], t["ttfb_p50_ms"]),
-                    diff(d["ttfb_p99_ms"], t["ttfb_p99_ms"]),
-                ),
+                *stream_start_columns(name, client, d, t),
                 fmt(t.get("cpu_ms_per_stream"), 2),
                 pair(tp.get("rss_start_mib"), tp.get("rss_peak_mib")),
                 tp.get("cores"),

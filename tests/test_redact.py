@@ -5,7 +5,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.upstream.redact import REDACTED, KeyRedactor, redact, secret_of
+from relay.upstream.redact import REDACTED, KeyRedactor, redact, redact_text, secret_of
 
 KEY = b"sk-upstream-0123456789abcdef"
 
@@ -48,3 +48,12 @@ def test_placeholder_keys_are_not_searched_for():
     assert secret_of("x") == b""
     assert redact(b"xxx", secret_of("x")) == b"xxx"
     assert secret_of(KEY.decode()) == KEY
+
+
+def test_header_values_are_redacted_as_their_wire_bytes():
+    key = "sk-upstream-é-0123456789"  # a non-ASCII key: its UTF-8 bytes, read as latin-1
+    secret = secret_of(key)
+    wire = f"Bearer {key}".encode().decode("latin-1")
+    assert redact_text(wire, secret) == "Bearer [redacted]"
+    assert redact_text("req_42", secret) == "req_42"
+    assert redact_text(wire, b"") == wire

@@ -16,7 +16,7 @@ from requests.structures import CaseInsensitiveDict
 
 from relay.errors import InvalidRequest
 from relay.upstream.adapter import UpstreamAdapter, body_chunks, read_body, read_capped, shut_down
-from relay.upstream.redact import REDACTED
+from relay.upstream.redact import redact_text
 
 # Client headers that go up to the upstream: what OpenAI's API reads from a caller.
 # Everything else stays here (an allow-list, not a deny-list: X-HTTP-Method-Override,
@@ -186,20 +186,15 @@ def response_headers(
     A value with a control byte is dropped (the Content-Type cleaned instead: the client
     needs one); the upstream key, should a value carry it, is redacted.
     """
-    key = secret.decode("latin-1")
     passed = []
-    for name, given in upstream_headers.items():
+    for name, value in upstream_headers.items():
         lower = name.lower()
         if lower not in UPSTREAM_HEADERS:
             continue
-        value = given
-        if not HEADER_VALUE.fullmatch(value):
-            if lower != "content-type":
-                continue
-            value = HEADER_CONTROLS.sub("", value)
-        if key and key in value:
-            value = value.replace(key, REDACTED.decode())
-        passed.append((name, value))
+        if HEADER_VALUE.fullmatch(value):
+            passed.append((name, redact_text(value, secret)))
+        elif lower == "content-type":
+            passed.append((name, redact_text(HEADER_CONTROLS.sub("", value), secret)))
     return passed
 
 
@@ -208,10 +203,7 @@ def request_id(upstream_headers: Mapping[str, str], secret: bytes = b"") -> str 
     value = upstream_headers.get("x-request-id")
     if not value:
         return None
-    key = secret.decode("latin-1")
-    if key and key in value:
-        value = value.replace(key, REDACTED.decode())
-    return HEADER_CONTROLS.sub("", value)[:MAX_REQUEST_ID] or None
+    return HEADER_CONTROLS.sub("", redact_text(value, secret))[:MAX_REQUEST_ID] or None
 
 
 def encode_json(value: Any) -> bytes:

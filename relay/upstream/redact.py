@@ -24,6 +24,15 @@ def redact(data: bytes, secret: bytes) -> bytes:
     return data.replace(secret, REDACTED) if secret and secret in data else data
 
 
+def redact_text(text: str, secret: bytes) -> str:
+    """A header value (the wire's bytes as latin-1 text, as http.client decodes them) with
+    every copy of secret replaced."""
+    if not secret:
+        return text
+    key = secret.decode("latin-1")
+    return text.replace(key, REDACTED.decode()) if key in text else text
+
+
 class KeyRedactor:
     """Redacts a key from a byte stream fed in pieces of any size, holding back at most
     len(key) - 1 bytes (only ever a tail that the key starts with)."""
