@@ -158,6 +158,15 @@ def fake():
         raise AssertionError(f"fake upstream errors: {upstream.errors}")
 
 
+@pytest.fixture(scope="module")
+def upstream():
+    """One fake upstream for a module's shared relay (the hostile suites: their upstreams
+    misbehave on purpose, so its errors are not checked)."""
+    shared = FakeUpstream().start()
+    yield shared
+    shared.stop()
+
+
 def relay_settings(tmp_path, fake, **overrides):
     """App settings pointing at the fake, on files under tmp_path."""
     settings = {

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 from conftest import SECRETS_SEEN, UPSTREAM_KEY, RelayServer, auth, relay_settings
-from fake_upstream import FakeUpstream, sse_reply
+from fake_upstream import sse_reply
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from raw_http import Reply, SlowCrowd, exchange, request, timed_get
@@ -27,14 +27,6 @@ LEGACY_LINE = b"POST /api/v1/chat/completions HTTP/1.1"
 HTTP10_LINE = b"POST /v1/chat/completions HTTP/1.0"
 CHUNKED = [b"Transfer-Encoding: chunked", b"Content-Type: application/json"]
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    """One fake upstream for the module's shared relay."""
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import requests
 from conftest import UPSTREAM_KEY, RelayServer, auth
 from fake_upstream import (
     GZIP_BOMB_PREFIX,
-    FakeUpstream,
     endless_body,
     gzip_bomb,
     json_reply,
@@ -61,14 +60,6 @@ KEY_PIECES = [
     for n in range(len(UPSTREAM_KEY) - 5)
     if UPSTREAM_KEY[n : n + 6] not in "-upstream-"
 ]
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    """One fake upstream for the module's shared relay."""
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture(scope="module")
