@@ -25,7 +25,8 @@ class _Entry(Generic[T]):
         self.op = op
         self.durable = durable
         self.deadline = deadline  # when this caller stops waiting for the database
-        self.done = Event()
+        # Made only for a caller that waits for another's batch: a leader commits its own.
+        self.done: Event | None = None
         self.lead = False  # woken to lead the next batch rather than with a result
         self.result: Any = None
         self.error: BaseException | None = None
@@ -65,10 +66,13 @@ class GroupCommit:
             return _write(self.db, op, None, durable)
         entry: _Entry[T] = _Entry(op, time.monotonic() + self.db.write_timeout, durable)
         self.queue.append(entry)
-        if self.leading:
-            entry.done.wait()  # another caller commits it, or hands this one the lead
-        if not entry.done.is_set() or entry.lead:
+        if not self.leading:
             self._lead()
+        else:
+            entry.done = Event()
+            entry.done.wait()  # another caller commits it, or hands this one the lead
+            if entry.lead:
+                self._lead()
         if entry.error is not None:
             raise entry.error
         result: T = entry.result
@@ -107,7 +111,7 @@ class GroupCommit:
             if self.queue:  # queued while this batch ran: the first of them leads next
                 self.leading = True
                 self.queue[0].lead = True
-                self.queue[0].done.set()
+                _wake(self.queue[:1])
 
 
 def _write(
@@ -171,4 +175,5 @@ def _run_each(conn: Connection, batch: list[_Entry[Any]]) -> None:
 def _wake(entries: list[_Entry[Any]]) -> None:
     """Tell each waiting caller its operation is done (or failed)."""
     for entry in entries:
-        entry.done.set()
+        if entry.done is not None:
+            entry.done.set()

@@ -8,6 +8,7 @@ tests) the numbers are this process's own.
 
 import os
 import time
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import (
@@ -83,6 +84,9 @@ class Metrics:
         # A registry per app (never the global one): tests build many apps in one process.
         self.registry = CollectorRegistry()
         self.models: set[str] = set()
+        # (metric name, label values) -> its child: `labels()` validates and locks on every
+        # call; the label values are bounded (route groups, statuses, MAX_MODELS models).
+        self.children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "relay_requests",
             "Relayed requests by face, route group and HTTP status.",
@@ -130,6 +134,14 @@ class Metrics:
             self.models.add(model)
         return model
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """The metric's child for these label values, made once."""
+        key = (metric._name, labels)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = metric.labels(*labels)
+        return child
+
     def stream_opened(self, call: Call) -> None:
         """A streamed reply started; `observe` counts it down when the call completes."""
         self.streams_open.inc()
@@ -137,16 +149,16 @@ class Metrics:
     def observe(self, call: Call) -> None:
         """Finish hook: count one completed relayed call."""
         face, route = call.face, route_group(call.path)
-        self.requests.labels(face, route, str(call.status or 0)).inc()
-        self.latency.labels(face, route).observe(time.perf_counter() - call.started)
+        self._child(self.requests, face, route, str(call.status or 0)).inc()
+        self._child(self.latency, face, route).observe(time.perf_counter() - call.started)
         prompt, completion = call.usage.prompt, call.usage.completion
         model = self._model_label(call.model_served or call.model)
         if prompt:
-            self.tokens.labels(model, "prompt").inc(prompt)
+            self._child(self.tokens, model, "prompt").inc(prompt)
         if completion:
-            self.tokens.labels(model, "completion").inc(completion)
+            self._child(self.tokens, model, "completion").inc(completion)
         if call.outcome in UPSTREAM_FAILURES:
-            self.upstream_errors.labels(call.upstream_name or "-", call.outcome).inc()
+            self._child(self.upstream_errors, call.upstream_name or "-", call.outcome).inc()
         if call.reply_streamed:
             self.streams_open.dec()
 
@@ -156,7 +168,7 @@ class Metrics:
         call = g.get("call")
         if face is not None and (call is None or not call.relayed):
             route = route_group(g.get("api_path", ""))
-            self.requests.labels(face, route, str(response.status_code)).inc()
+            self._child(self.requests, face, route, str(response.status_code)).inc()
         return response
 
     def exposition(self) -> bytes:
