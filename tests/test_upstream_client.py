@@ -25,6 +25,7 @@ from requests.exceptions import (
 )
 
 from relay.app import create_app
+from relay.upstream.adapter import ONE_SEND_MAX, CachedHTTPConnection
 from relay.upstream.failures import classify
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -300,3 +301,60 @@ def test_a_corrupt_gzipped_reply_is_a_clean_502(client, key, fake):
     reply = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     assert reply.status_code == 502
     assert reply.get_json()["error"]["code"] == "upstream_error"
+
+
+# -- one send per request: the head goes out with its body
+
+
+class SendSpy:
+    """A real socket that remembers what each sendall passed to it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sent = []
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+        return self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def spied_exchange(fake, method, body):
+    """Make one request on the relay's own upstream connection class; (sends, reply body)."""
+    conn = CachedHTTPConnection("127.0.0.1", fake.port, timeout=10)
+    conn.connect()
+    spy = conn.sock = SendSpy(conn.sock)
+    headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        conn.request(method, "/v1/chat/completions", body=body, headers=headers)
+        reply = conn.getresponse()
+        return spy.sent, reply.data  # read in full by urllib3 (preload_content)
+    finally:
+        conn.close()
+
+
+def test_a_request_head_and_body_go_out_in_one_send(fake):
+    body = json.dumps(CHAT).encode()
+    sent, reply = spied_exchange(fake, "POST", body)
+    assert len(sent) == 1
+    assert sent[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert sent[0].endswith(b"\r\n\r\n" + body)
+    assert json.loads(reply)["object"] == "chat.completion"
+    assert fake.requests[-1].body == body
+
+
+def test_a_large_body_follows_its_head_and_a_bodyless_request_still_goes(fake):
+    body = json.dumps({**CHAT, "pad": "x" * (ONE_SEND_MAX + 1)}).encode()
+    sent, _ = spied_exchange(fake, "POST", body)
+    assert [len(part) for part in sent][1:] == [len(body)]  # the upload is never copied
+    assert sent[0].endswith(b"\r\n\r\n")
+    assert fake.requests[-1].body == body
+    sent, reply = spied_exchange(fake, "GET", None)
+    assert len(sent) == 1
+    assert sent[0].startswith(b"GET /v1/chat/completions HTTP/1.1\r\n")
+    assert fake.requests[-1].method == "GET"
+    assert reply
