@@ -27,10 +27,9 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 from bench.processes import PYTHON, ROOT, Processes, process_table, tree_of, wait_healthy
-from bench.scenarios import CLIENTS
+from bench.scenarios import CLIENTS, Bench
 from bench.targets import Relay, Upstream
 
 RELAY_CORE, LOAD_CORE = 0, 1
@@ -74,60 +73,56 @@ def worker_instructions(procs, relay, callgrind):
     return int(found.group(1))
 
 
-def drive(procs, workdir, relay, client, concurrency, calls, python):
-    """Make `calls` calls at `concurrency`; the number that got a 200."""
-    out = os.path.join(workdir, f"load-{relay.port}-{concurrency}-{time.monotonic_ns()}.json")
-    argv = [python, "-m", CLIENTS[client], "nonstream", "--url", relay.url, "--key", relay.key]
-    argv += ["--out", out, "--concurrency", str(concurrency), "--n", str(calls)]
-    argv += ["--duration", "600"]
-    proc = procs.start(f"load-{client}", argv)
-    proc.wait(timeout=900)
-    procs.stop(proc, grace=2.0)
-    with open(out, encoding="utf-8") as handle:
-        return json.load(handle)["ok"]
+def drive(bench, relay, concurrency, calls):
+    """Make `calls` calls at `concurrency` with the bench's load generator; the 200s."""
+    options = ["--concurrency", str(concurrency), "--n", str(calls), "--duration", "600"]
+    (result,) = bench.loadgen(relay, "nonstream", options, timeout=900, client=bench.args.client)
+    return result["ok"]
 
 
-def count(procs, workdir, upstream, label, root, args, concurrency, calls):
+def calls_at(args, concurrency):
+    """How many calls make a figure: --calls, a quarter of them for one client at a time."""
+    return args.calls if concurrency > 1 else max(args.calls // 4, 1)
+
+
+def count(bench, label, root, concurrency, calls):
     """Instructions the worker ran for the warm-up and `calls` calls; the calls that got a 200."""
-    callgrind = tempfile.mkdtemp(prefix="callgrind-", dir=workdir)
-    relay = start_relay(procs, workdir, upstream, label, root, callgrind)
-    python = PYTHON if args.client == "gevent" else args.aiohttp_python
+    callgrind = tempfile.mkdtemp(prefix="callgrind-", dir=bench.workdir)
+    procs = bench.procs
+    relay = start_relay(procs, bench.workdir, bench.upstream, label, root, callgrind)
     try:
-        drive(procs, workdir, relay, args.client, 8, args.warmup, python)
-        ok = drive(procs, workdir, relay, args.client, concurrency, calls, python) if calls else 0
+        drive(bench, relay, 8, bench.args.warmup)
+        ok = drive(bench, relay, concurrency, calls) if calls else 0
     finally:
         instructions = worker_instructions(procs, relay, callgrind)
     return instructions, ok
 
 
-def measure_instructions(procs, workdir, upstream, label, root, args):
+def measure_instructions(bench, label, root):
     """{concurrency: thousands of worker instructions per call} for one checkout."""
     figures = {}
-    for concurrency in args.concurrency:
-        calls = args.calls if concurrency > 1 else max(args.calls // 4, 1)
-        alone, _ = count(procs, workdir, upstream, label, root, args, concurrency, 0)
-        total, ok = count(procs, workdir, upstream, label, root, args, concurrency, calls)
+    for concurrency in bench.args.concurrency:
+        alone, _ = count(bench, label, root, concurrency, 0)
+        total, ok = count(bench, label, root, concurrency, calls_at(bench.args, concurrency))
         figures[concurrency] = round((total - alone) / max(ok, 1) / 1000)
     return figures
 
 
-def measure(procs, workdir, upstream, label, root, args):
+def measure(bench, label, root):
     """{concurrency: µs of worker CPU per call} for one checkout, warm."""
-    if args.callgrind:
-        return measure_instructions(procs, workdir, upstream, label, root, args)
-    relay = start_relay(procs, workdir, upstream, label, root)
-    python = PYTHON if args.client == "gevent" else args.aiohttp_python
+    if bench.args.callgrind:
+        return measure_instructions(bench, label, root)
+    relay = start_relay(bench.procs, bench.workdir, bench.upstream, label, root)
     figures = {}
     try:
-        drive(procs, workdir, relay, args.client, 8, args.warmup, python)
-        for concurrency in args.concurrency:
-            calls = args.calls if concurrency > 1 else max(args.calls // 4, 1)
+        drive(bench, relay, 8, bench.args.warmup)
+        for concurrency in bench.args.concurrency:
             before = worker_ticks(relay.proc.pid)
-            ok = drive(procs, workdir, relay, args.client, concurrency, calls, python)
+            ok = drive(bench, relay, concurrency, calls_at(bench.args, concurrency))
             spent = (worker_ticks(relay.proc.pid) - before) / TICKS
             figures[concurrency] = round(spent / max(ok, 1) * 1e6, 1)
     finally:
-        procs.stop(relay.proc)
+        bench.procs.stop(relay.proc)
     return figures
 
 
@@ -158,9 +153,10 @@ def main(argv=None):
     try:
         upstream = Upstream(procs, workdir, 1.0, 10, 1)
         upstream.start()
+        bench = Bench(args, procs, workdir, upstream, prefix="load")
         for round_number in range(args.rounds):
             for label, root in checkouts:
-                figures = measure(procs, workdir, upstream, label, os.path.abspath(root), args)
+                figures = measure(bench, label, os.path.abspath(root))
                 results[label].append(figures)
                 print(f"round {round_number + 1} {label}: {figures}", file=sys.stderr, flush=True)
     finally:
