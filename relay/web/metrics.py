@@ -84,9 +84,9 @@ class Metrics:
         # A registry per app (never the global one): tests build many apps in one process.
         self.registry = CollectorRegistry()
         self.models: set[str] = set()
-        # (metric name, label values) -> its child: `labels()` validates and locks on every
+        # (metric, label values) -> its child: `labels()` validates and locks on every
         # call; the label values are bounded (route groups, statuses, MAX_MODELS models).
-        self.children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self.children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "relay_requests",
             "Relayed requests by face, route group and HTTP status.",
@@ -136,7 +136,7 @@ class Metrics:
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """The metric's child for these label values, made once."""
-        key = (metric._name, labels)
+        key = (metric, labels)
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = metric.labels(*labels)
