@@ -32,9 +32,14 @@ class GuardedBody:
         self._body = req.body
         self._timeout = timeout
         self._deadline: float | None = None
-        # Off once the app has answered: gunicorn drains what it left unread, itself
-        # bounded by keepalive, and must not meet the relay's errors there.
+        # Off once the app has answered (release): a read through a guard still held
+        # somewhere then goes straight to gunicorn's body, without the relay's errors.
         self.armed = True
+
+    @property
+    def raw(self) -> Any:
+        """gunicorn's own body, which this guards."""
+        return self._body
 
     def abandon(self) -> None:
         """The app answers without reading the rest of the body: close the connection after
@@ -129,6 +134,18 @@ class ClientGuard:
         guarded = GuardedBody(req, self.body_timeout)
         req.body = guarded
         return guarded
+
+    @staticmethod
+    def release(req: Any, guarded: GuardedBody) -> None:
+        """The app has answered: give the request its own body back and turn the guard off.
+
+        gunicorn drains what the app left unread, itself bounded by keepalive, and must not
+        meet the relay's errors there. The guard holds the request, so left on it the two
+        would form a reference cycle, freed only by the garbage collector: every call's
+        request, body and readers, a collection every few dozen calls.
+        """
+        guarded.armed = False
+        req.body = guarded.raw
 
     def reply(self, refusal: Refusal, path: str | None) -> bytes:
         """The whole HTTP reply to a refused request, in the shape of its face when known."""

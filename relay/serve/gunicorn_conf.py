@@ -1,6 +1,7 @@
 """Gunicorn hooks for the Procfile: check the config, raise the open-file limit, share metrics."""
 
 import contextlib
+import gc
 import glob
 import os
 import resource
@@ -83,7 +84,11 @@ def _prepare_metrics_dir() -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Say when a worker has loaded the app and is about to accept calls (tests wait for it)."""
+    """Freeze what the worker loaded; say it is about to accept calls (tests wait for it)."""
+    # The app, its libraries and their caches live as long as the worker: frozen, they
+    # stay out of the collector's full passes, which otherwise walk their ~90 000 objects
+    # (~50 ms a pass, a dozen passes per 25 000 calls in a worker under load).
+    gc.freeze()
     worker.log.info("relay worker %s ready", worker.pid)
 
 

@@ -110,7 +110,7 @@ class GeventWorker(ggevent.GeventWorker):
         try:
             return super().handle_request(listener_name, req, sock, addr)
         finally:
-            body.armed = False
+            self.guard.release(req, body)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Answer what gunicorn refused in OpenAI's JSON error shape (gunicorn's is HTML)."""
