@@ -28,12 +28,28 @@ import statistics
 import sys
 import tempfile
 
-from bench.processes import PYTHON, ROOT, Processes, process_table, tree_of, wait_healthy
+from bench.processes import (
+    PYTHON,
+    ROOT,
+    VENV_BIN,
+    Processes,
+    free_port,
+    process_table,
+    tree_of,
+    wait_healthy,
+)
 from bench.scenarios import CLIENTS, Bench
-from bench.targets import Relay, Upstream
+from bench.targets import Relay, Target, Upstream
 
 RELAY_CORE, LOAD_CORE = 0, 1
 TICKS = os.sysconf("SC_CLK_TCK")
+# --floor adds these labels: bench/floor_app.py in each FLOOR_MODE.
+FLOORS = {
+    "floor-canned": "canned",
+    "floor-adapter": "adapter",
+    "floor-forward": "forward",
+    "floor-metered": "metered",
+}
 
 
 def worker_ticks(master_pid):
@@ -42,23 +58,52 @@ def worker_ticks(master_pid):
     return sum(table[pid][2] for pid in tree_of(table, master_pid) if pid != master_pid)
 
 
-def start_relay(procs, workdir, upstream, label, root, callgrind=None):
-    """One gevent worker of a checkout, pinned to RELAY_CORE, with the bench key;
+class Floor(Target):
+    """bench/floor_app.py under gunicorn's own gevent worker: the frameworks without the relay."""
+
+    def __init__(self, upstream, mode):
+        """Choose a port and the environment."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        self.key = "floor-key"
+        self.command = (
+            f"gunicorn bench.floor_app:app --worker-class gevent --workers 1"
+            f" --worker-connections 10000 --bind 127.0.0.1:{self.port}"
+        )
+        self.env = {
+            **os.environ,
+            "FLOOR_UPSTREAM": f"http://127.0.0.1:{upstream.port}/v1",
+            "FLOOR_MODE": mode,
+            "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        }
+        self.root = ROOT
+        self.log_name = f"floor-{mode}"
+
+
+def start_pinned(procs, target, callgrind=None):
+    """Start a target's gunicorn pinned to RELAY_CORE and wait for /healthz;
     `callgrind`: a directory for its counts when it runs under valgrind's callgrind."""
-    relay = Relay(procs, workdir, upstream, "gevent", root=root, label=label)
-    relay.env["WEB_CONCURRENCY"] = "1"
-    relay.key = relay.create_key("bench")
-    command = relay.command
+    command = target.command
     if callgrind:
         # valgrind runs the interpreter (not gunicorn's #! line); everything is ~60x slower.
-        relay.env["GUNICORN_CMD_ARGS"] = "--timeout 900 --graceful-timeout 300"
+        target.env["GUNICORN_CMD_ARGS"] = "--timeout 900 --graceful-timeout 300"
         gunicorn = os.path.join(os.path.dirname(PYTHON), "gunicorn")
         tool = f"valgrind --tool=callgrind --callgrind-out-file={callgrind}/callgrind.%p"
         command = command.replace("gunicorn", f"{tool} {PYTHON} {gunicorn}", 1)
     argv = ["/bin/sh", "-c", f"exec taskset -c {RELAY_CORE} {command}"]
-    relay.proc = procs.start(relay.log_name, argv, env=relay.env, cwd=relay.root)
-    wait_healthy(relay.proc, relay.port, "/healthz", timeout=600 if callgrind else 60)
-    return relay
+    target.proc = procs.start(target.log_name, argv, env=target.env, cwd=target.root)
+    wait_healthy(target.proc, target.port, "/healthz", timeout=600 if callgrind else 60)
+    return target
+
+
+def start_target(procs, workdir, upstream, label, root, callgrind=None):
+    """One gevent worker of a checkout (with the bench key), or of a floor app, pinned."""
+    if label in FLOORS:
+        return start_pinned(procs, Floor(upstream, FLOORS[label]), callgrind)
+    relay = Relay(procs, workdir, upstream, "gevent", root=root, label=label)
+    relay.env["WEB_CONCURRENCY"] = "1"
+    relay.key = relay.create_key("bench")
+    return start_pinned(procs, relay, callgrind)
 
 
 def worker_instructions(procs, relay, callgrind):
@@ -89,7 +134,7 @@ def count(bench, label, root, concurrency, calls):
     """Instructions the worker ran for the warm-up and `calls` calls; the calls that got a 200."""
     callgrind = tempfile.mkdtemp(prefix="callgrind-", dir=bench.workdir)
     procs = bench.procs
-    relay = start_relay(procs, bench.workdir, bench.upstream, label, root, callgrind)
+    relay = start_target(procs, bench.workdir, bench.upstream, label, root, callgrind)
     try:
         drive(bench, relay, 8, bench.args.warmup)
         ok = drive(bench, relay, concurrency, calls) if calls else 0
@@ -112,7 +157,7 @@ def measure(bench, label, root):
     """{concurrency: µs of worker CPU per call} for one checkout, warm."""
     if bench.args.callgrind:
         return measure_instructions(bench, label, root)
-    relay = start_relay(bench.procs, bench.workdir, bench.upstream, label, root)
+    relay = start_target(bench.procs, bench.workdir, bench.upstream, label, root)
     figures = {}
     try:
         drive(bench, relay, 8, bench.args.warmup)
@@ -140,12 +185,17 @@ def main(argv=None):
         default="/tmp/bench-venv/bin/python",  # noqa: S108 - the README's throwaway venv
     )
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure bench/floor_app.py in each of its modes"
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.warmup is None:
         args.warmup = 300 if args.callgrind else 2000
     checkouts = [tuple(item.split("=", 1)) for item in args.relay_checkout] or [("this", ROOT)]
+    if args.floor:
+        checkouts += [(label, ROOT) for label in FLOORS]
     os.sched_setaffinity(0, {LOAD_CORE})  # the upstream and load generators inherit it
     workdir = tempfile.mkdtemp(prefix="relay-cpu-")
     procs = Processes(workdir)
