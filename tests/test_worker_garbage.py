@@ -9,6 +9,7 @@ import gc
 import socket
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from gunicorn.config import Config
@@ -31,7 +32,7 @@ def no_collector() -> Iterator[None]:
         gc.enable()
 
 
-def parsed_request(client: socket.socket, server: socket.socket) -> tuple[object, object]:
+def parsed_request(client: socket.socket, server: socket.socket) -> tuple[Any, Any]:
     """gunicorn's own parser and the request it reads from a real socket."""
     client.sendall(HEAD % len(BODY) + BODY)
     parser = RequestParser(Config(), server, ("127.0.0.1", 1))
