@@ -61,8 +61,8 @@ def worker_ticks(master_pid):
 class Floor(Target):
     """bench/floor_app.py under gunicorn's own gevent worker: the frameworks without the relay."""
 
-    def __init__(self, upstream, mode):
-        """Choose a port and the environment."""
+    def __init__(self, workdir, upstream, mode):
+        """Choose a port, the environment and (used by `metered` only) a database file."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         self.key = "floor-key"
@@ -74,6 +74,7 @@ class Floor(Target):
             **os.environ,
             "FLOOR_UPSTREAM": f"http://127.0.0.1:{upstream.port}/v1",
             "FLOOR_MODE": mode,
+            "FLOOR_DATABASE": os.path.join(tempfile.mkdtemp(prefix="floor-", dir=workdir), "db"),
             "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
         }
         self.root = ROOT
@@ -99,7 +100,7 @@ def start_pinned(procs, target, callgrind=None):
 def start_target(procs, workdir, upstream, label, root, callgrind=None):
     """One gevent worker of a checkout (with the bench key), or of a floor app, pinned."""
     if label in FLOORS:
-        return start_pinned(procs, Floor(upstream, FLOORS[label]), callgrind)
+        return start_pinned(procs, Floor(workdir, upstream, FLOORS[label]), callgrind)
     relay = Relay(procs, workdir, upstream, "gevent", root=root, label=label)
     relay.env["WEB_CONCURRENCY"] = "1"
     relay.key = relay.create_key("bench")

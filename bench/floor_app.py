@@ -3,18 +3,18 @@
     FLOOR_UPSTREAM=http://127.0.0.1:PORT/v1 FLOOR_MODE=forward \
         gunicorn bench.floor_app:app --worker-class gevent --workers 1
 
-No relay code, one route for POST /v1/chat/completions. FLOOR_MODE=canned answers with a
-fixed chat completion and calls no upstream (what gunicorn and Flask alone cost);
-`forward` (the default) forwards the call with a pooled requests Session and gives the
-reply back (the frameworks of a relay, with nothing of one); `adapter` forwards it with
-requests at its cheapest, as the relay does (a PreparedRequest handed straight to an
-HTTPAdapter: no Session, no environment proxies, no URL or header requoting); `metered`
-forwards as `forward` does and also does the
-rest of what the issue calls the work a relay must do, in the plainest way: parse the
-request's JSON, one indexed read of a key hash in SQLite, parse the reply's usage, one
-usage row inserted (WAL, synchronous=NORMAL, one transaction a call: no group commit,
-no in-flight row). `bench.cpu_per_call --floor` measures it beside the relay, so the
-relay's CPU per call can be split into what the frameworks cost and what the relay adds.
+No relay code, one route for POST /v1/chat/completions. FLOOR_MODE picks what it does:
+`canned` answers with a fixed chat completion and calls no upstream (what gunicorn and
+Flask alone cost); `forward` (the default) forwards the call with a pooled requests
+Session and gives the reply back (the frameworks of a relay, with nothing of one);
+`adapter` forwards it with requests at its cheapest, as the relay does (a PreparedRequest
+handed straight to an HTTPAdapter: no Session, no environment proxies, no URL or header
+requoting); `metered` forwards as `forward` does and also does the rest of what the issue
+calls the work a relay must do, in the plainest way: parse the request's JSON, one indexed
+read of a key hash in SQLite (FLOOR_DATABASE), parse the reply's usage, one usage row
+inserted (WAL, synchronous=NORMAL, one transaction a call: no group commit, no in-flight
+row). `bench.cpu_per_call --floor` measures it beside the relay, so the relay's CPU per
+call can be split into what the frameworks cost and what the relay adds.
 """
 
 import hashlib
@@ -31,6 +31,8 @@ from requests.structures import CaseInsensitiveDict
 
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "http://127.0.0.1:9/v1")
 MODE = os.environ.get("FLOOR_MODE", "forward")
+if MODE not in ("canned", "adapter", "forward", "metered"):
+    raise SystemExit(f"FLOOR_MODE={MODE!r}: use canned, adapter, forward or metered")
 METERED = MODE == "metered"
 CANNED = (
     b'{"id":"chatcmpl-floor","object":"chat.completion","created":0,"model":"gpt-4o",'
@@ -38,7 +40,6 @@ CANNED = (
     b'"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,'
     b'"total_tokens":2}}'
 )
-DATABASE = os.path.join(tempfile.mkdtemp(prefix="floor-"), "floor.sqlite")
 
 app = Flask(__name__)
 session = requests.Session()
@@ -50,7 +51,10 @@ _conn: list[sqlite3.Connection] = []  # the process's one connection, made on fi
 def connection() -> sqlite3.Connection:
     """This process's SQLite connection, with the key table and the usage table."""
     if not _conn:
-        conn = sqlite3.connect(DATABASE, isolation_level=None, check_same_thread=False)
+        database = os.environ.get("FLOOR_DATABASE") or os.path.join(
+            tempfile.mkdtemp(prefix="floor-"), "floor.sqlite"
+        )
+        conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("CREATE TABLE IF NOT EXISTS keys (hash TEXT PRIMARY KEY, name TEXT)")
